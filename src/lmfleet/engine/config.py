@@ -1,0 +1,195 @@
+"""Engine configuration: frozen dataclasses validated on construction.
+
+``EngineConfig`` gathers the model, cache and scheduler settings. The TGI-style
+environment variables users know (``MAX_BATCH_SIZE``, ``MAX_WAITING_TOKENS`` ...)
+map onto these settings in :func:`scheduler_overrides_from_env`; docs/engine.md
+documents the mapping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from lmfleet.errors import ConfigError
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which checkpoint to load and how.
+
+    ``dtype="auto"`` takes float32 on CPU and the checkpoint's dtype (bfloat16 when
+    it says float32) on an accelerator. ``max_model_len=None`` takes the
+    checkpoint's ``max_position_embeddings``.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model", "must name a model directory")
+        _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(
+            self.max_model_len is None or self.max_model_len > 0,
+            "max_model_len",
+            f"must be positive, got {self.max_model_len}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The paged KV cache.
+
+    The budget is ``kv_cache_memory_bytes`` when given; otherwise, on an accelerator,
+    ``gpu_memory_utilization`` of its memory minus weights and activations; on CPU a
+    default of 1 GiB. ``num_blocks_override`` fixes the block count (tests).
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+            "block_size",
+            f"must be a positive power of two, got {self.block_size}",
+        )
+        _check(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            "kv_cache_memory_bytes",
+            f"must be positive, got {self.kv_cache_memory_bytes}",
+        )
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        _check(
+            self.num_blocks_override is None or self.num_blocks_override > 1,
+            "num_blocks_override",
+            f"must be at least 2, got {self.num_blocks_override}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    ``max_num_batched_tokens`` is the token budget of one step (prefill chunks plus
+    one token per decoding sequence). ``max_waiting_tokens`` and
+    ``waiting_served_ratio`` follow TGI: while sequences are decoding, newly waiting
+    requests may be held back for up to ``max_waiting_tokens`` steps until at least
+    ``waiting_served_ratio × running`` of them are waiting, so decode is interrupted
+    by fewer, larger prefills. ``max_waiting_tokens=0`` (the default) admits at once.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # or "priority": lower value first, then arrival
+    max_waiting_tokens: int = 0
+    waiting_served_ratio: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs > 0, "max_num_seqs", f"must be positive, got {self.max_num_seqs}")
+        _check(
+            self.max_num_batched_tokens > 0,
+            "max_num_batched_tokens",
+            f"must be positive, got {self.max_num_batched_tokens}",
+        )
+        _check(
+            self.policy in ("fcfs", "priority"),
+            "policy",
+            f"must be 'fcfs' or 'priority', got {self.policy!r}",
+        )
+        _check(
+            self.max_waiting_tokens >= 0,
+            "max_waiting_tokens",
+            f"must be at least 0, got {self.max_waiting_tokens}",
+        )
+        _check(
+            0 <= self.waiting_served_ratio <= 1,
+            "waiting_served_ratio",
+            f"must be in [0, 1], got {self.waiting_served_ratio}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.scheduler.enable_chunked_prefill and self.model.max_model_len is not None:
+            _check(
+                self.scheduler.max_num_batched_tokens >= self.model.max_model_len,
+                "max_num_batched_tokens",
+                "must be at least max_model_len when chunked prefill is off "
+                f"({self.scheduler.max_num_batched_tokens} < {self.model.max_model_len})",
+            )
+
+
+# environment variable -> (SchedulerConfig field, parser)
+_ENV_SCHEDULER = {
+    "MAX_BATCH_SIZE": ("max_num_seqs", int),
+    "MAX_NUM_SEQS": ("max_num_seqs", int),
+    "MAX_WAITING_TOKENS": ("max_waiting_tokens", int),
+    "WAITING_SERVED_RATIO": ("waiting_served_ratio", float),
+    "MAX_BATCH_PREFILL_TOKENS": ("max_num_batched_tokens", int),
+    "MAX_NUM_BATCHED_TOKENS": ("max_num_batched_tokens", int),
+}
+
+
+def scheduler_overrides_from_env(env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """Read the TGI-style batching variables users already set in their manifests."""
+    env = os.environ if env is None else env
+    out: dict[str, object] = {}
+    for var, (name, parse) in _ENV_SCHEDULER.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            out[name] = parse(raw)
+        except ValueError:
+            raise ConfigError(f"{var}: expected {parse.__name__}, got {raw!r}") from None
+    return out
+
+
+def apply_env(config: SchedulerConfig, env: Mapping[str, str] | None = None) -> SchedulerConfig:
+    """``config`` with the environment's batching variables applied on top."""
+    overrides = scheduler_overrides_from_env(env)
+    return replace(config, **overrides) if overrides else config
+
+
+def engine_config(model: str, **overrides: object) -> EngineConfig:
+    """Build an ``EngineConfig`` from flat keyword arguments, each routed to the
+    sub-config that has a field of that name (``block_size`` → cache, and so on)."""
+    parts: dict[type, dict[str, object]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+    for name, value in overrides.items():
+        for cls, bucket in parts.items():
+            if name in cls.__dataclass_fields__:
+                bucket[name] = value
+                break
+        else:
+            known = sorted(f for cls in parts for f in cls.__dataclass_fields__ if f != "model")
+            raise ConfigError(f"{name}: unknown engine setting; known settings: {', '.join(known)}")
+    return EngineConfig(
+        model=ModelConfig(model=model, **parts[ModelConfig]),  # type: ignore[arg-type]
+        cache=CacheConfig(**parts[CacheConfig]),  # type: ignore[arg-type]
+        scheduler=SchedulerConfig(**parts[SchedulerConfig]),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,64 @@
+"""Typed hand-off objects between the scheduler, the runner and the engine core.
+
+Each hides its producer's internals: the runner sees which requests to run and how
+many tokens of each, never the scheduler's queues; the scheduler sees sampled
+tokens, never tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmfleet.engine.request import FinishReason, Request, TokenLogprobs
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    #: tokens to compute this step, starting at ``request.num_computed_tokens``
+    num_new_tokens: int
+    #: the request's KV blocks, in order (covering the new tokens too)
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so the model's
+        output at the last position is the next token."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    #: requests that ended since the previous step (the runner drops their state)
+    finished_request_ids: list[str] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    #: request id -> the sampled token, for requests whose step sampled
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What one step produced for one request: new tokens and, maybe, its end."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None  # the stop token id that matched, if any
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

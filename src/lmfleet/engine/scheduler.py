@@ -1,0 +1,250 @@
+"""Continuous batching: which requests run this step, and how many tokens of each.
+
+One accounting rule: every request has ``num_computed_tokens`` and catches up to
+``num_tokens`` (prompt + output). A step gives each running request what it lacks,
+capped by the token budget (chunked prefill), then admits waiting requests while
+budget, ``max_num_seqs`` and KV blocks allow. A prefix-cache hit simply starts a
+request with some tokens already computed. When blocks run out, the
+lowest-priority running request (the latest admitted, under FCFS) is preempted: its
+blocks are freed and it is recomputed later. Running out is never an error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+
+from lmfleet.engine.config import SchedulerConfig
+from lmfleet.engine.kv import KVCacheManager
+from lmfleet.engine.outputs import (
+    EngineCoreOutput,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from lmfleet.engine.request import FinishReason, Request, RequestStatus
+
+
+class _WaitingQueue:
+    """Waiting requests in service order: FCFS, or (priority, arrival) with
+    preempted requests put back where their key says."""
+
+    def __init__(self, by_priority: bool) -> None:
+        self._by_priority = by_priority
+        self._items: list[Request] = []
+        self._keys: list[tuple[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def _key(self, r: Request) -> tuple[int, float]:
+        return (r.priority, r.arrival_time) if self._by_priority else (0, r.arrival_time)
+
+    def add(self, r: Request) -> None:
+        key = self._key(r)
+        i = bisect.bisect_right(self._keys, key)
+        self._items.insert(i, r)
+        self._keys.insert(i, key)
+
+    def peek(self) -> Request:
+        return self._items[0]
+
+    def pop(self) -> Request:
+        self._keys.pop(0)
+        return self._items.pop(0)
+
+    def remove(self, r: Request) -> None:
+        i = self._items.index(r)
+        del self._items[i]
+        del self._keys[i]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting = _WaitingQueue(by_priority=config.policy == "priority")
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+        self._steps_without_admission = 0
+
+    # ---- queries -------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- intake --------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def abort(self, request_ids: Iterable[str], reason: FinishReason = FinishReason.ABORT) -> list[EngineCoreOutput]:
+        """End these requests now; unknown or finished ids are ignored."""
+        out = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            if request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, reason)
+            out.append(EngineCoreOutput(rid, [], finish_reason=reason))
+        return out
+
+    # ---- one step ------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+        budget, preempted = self._schedule_running(out, budget)
+        if not preempted and self._may_admit():
+            budget = self._schedule_waiting(out, budget)
+        else:
+            self._steps_without_admission += 1
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            blocks = self.kv.allocate_slots(request, num_new)
+            while blocks is None:
+                victim = self._pick_victim(i)
+                self._preempt(victim)
+                preempted = True
+                out.num_preempted += 1
+                if victim is request:
+                    break
+                blocks = self.kv.allocate_slots(request, num_new)
+            if blocks is None:
+                break  # the request itself was preempted; all after it too
+            out.scheduled.append(ScheduledRequest(request, num_new, blocks))
+            budget -= num_new
+            i += 1
+        return budget, preempted
+
+    def _pick_victim(self, first_unscheduled: int) -> Request:
+        candidates = self.running[first_unscheduled:]
+        if self.config.policy == "priority":
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        self.waiting.add(request)
+
+    def _may_admit(self) -> bool:
+        """TGI's max_waiting_tokens rule: while sequences decode, hold newcomers back
+        until enough of them wait or they have waited long enough."""
+        cfg = self.config
+        if cfg.max_waiting_tokens == 0 or not self.running or not self.waiting:
+            return True
+        enough = len(self.waiting) >= cfg.waiting_served_ratio * len(self.running)
+        return enough or self._steps_without_admission >= cfg.max_waiting_tokens
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        admitted = False
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            if request.num_computed_tokens == 0:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            else:  # cannot happen today: waiting requests own no blocks
+                hit_blocks, num_hit = [], request.num_computed_tokens
+            num_new = request.num_tokens - num_hit
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            request.num_computed_tokens = num_hit
+            blocks = self.kv.allocate_slots(request, num_new, hit_blocks)
+            if blocks is None:
+                request.num_computed_tokens = 0
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, blocks))
+            budget -= num_new
+            admitted = True
+        self._steps_without_admission = 0 if admitted else self._steps_without_admission + 1
+        return budget
+
+    # ---- results -------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        outputs = []
+        for item in sched.scheduled:
+            request = item.request
+            if request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += item.num_new_tokens
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            reason, stop_token = self._check_stop(request, token)
+            logprobs = result.logprobs.get(request.request_id)
+            outputs.append(
+                EngineCoreOutput(
+                    request.request_id,
+                    [token],
+                    [logprobs] if logprobs is not None else None,
+                    finish_reason=reason,
+                    stop_reason=stop_token,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+            if reason is not None:
+                self.running.remove(request)
+                self._finish(request, reason)
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
+        params = request.sampling_params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if token in request.eos_token_ids and not params.ignore_eos:
+                return FinishReason.STOP, None
+            if token in params.stop_token_ids:
+                return FinishReason.STOP, token
+        if params.max_tokens is not None and num_out >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def queue_snapshot(self) -> dict[str, float]:
+        now = time.monotonic()
+        oldest = min((r.arrival_time for r in self.waiting), default=now)
+        return {"running": len(self.running), "waiting": len(self.waiting), "oldest_wait_s": now - oldest}
