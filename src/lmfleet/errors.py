@@ -60,6 +60,11 @@ class DuplicateRequestId(RequestRejected):
     code = "duplicate_request_id"
 
 
+class EngineBusy(LmfleetError):
+    """An operation that needs an idle engine (sleep) found requests in flight.
+    Recoverable: retry after draining."""
+
+
 class EngineDead(LmfleetError):
     """The engine loop stopped after an unexpected error. Not recoverable: the
     process should be restarted (readiness turns false)."""

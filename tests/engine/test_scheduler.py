@@ -57,7 +57,9 @@ def test_token_budget_and_chunked_prefill():
     s = make(max_num_batched_tokens=8)
     s.add_request(req("a", 20, max_tokens=3))
     sched = s.schedule()
-    assert [(it.request.request_id, it.num_new_tokens, it.samples) for it in sched.scheduled] == [("a", 8, False)]
+    assert [(it.request.request_id, it.num_new_tokens, it.samples) for it in sched.scheduled] == [
+        ("a", 8, False)
+    ]
     s.update(sched, fake_run(sched))
     sched = s.schedule()
     assert sched.scheduled[0].num_new_tokens == 8
@@ -74,7 +76,10 @@ def test_running_first_then_waiting_with_max_num_seqs():
     assert [it.request.request_id for it in sched.scheduled] == ["a", "b"]
     s.update(sched, fake_run(sched))
     sched = s.schedule()
-    assert [(it.request.request_id, it.num_new_tokens) for it in sched.scheduled] == [("a", 1), ("b", 1)]
+    assert [(it.request.request_id, it.num_new_tokens) for it in sched.scheduled] == [
+        ("a", 1),
+        ("b", 1),
+    ]
 
 
 def test_chunked_matches_whole_prefill_outputs():
@@ -130,7 +135,10 @@ def test_abort_frees_blocks_and_reports():
     used = s.kv.num_blocks - s.kv.num_free_blocks
     assert used > 0
     outs = s.abort(["a", "b", "unknown"])
-    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", FinishReason.ABORT), ("b", FinishReason.ABORT)]
+    assert [(o.request_id, o.finish_reason) for o in outs] == [
+        ("a", FinishReason.ABORT),
+        ("b", FinishReason.ABORT),
+    ]
     assert s.kv.num_free_blocks == s.kv.num_blocks
     assert not s.has_unfinished()
     assert s.schedule().finished_request_ids == ["a", "b"]
@@ -165,7 +173,12 @@ def test_stop_conditions(params, expected_len, reason):
 def test_eos_and_ignore_eos_and_min_tokens():
     def first_token(**params):
         s = make()
-        r = Request("x", [1, 2, 3], SamplingParams(max_tokens=8, **params), eos_token_ids=frozenset(range(97)))
+        r = Request(
+            "x",
+            [1, 2, 3],
+            SamplingParams(max_tokens=8, **params),
+            eos_token_ids=frozenset(range(97)),
+        )
         s.add_request(r)
         tokens, _ = run_all(s)
         return len(tokens["x"]), r.finish_reason

@@ -58,6 +58,8 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     stop_reason: int | None = None  # the stop token id that matched, if any
     num_cached_tokens: int = 0
+    #: when the request was first scheduled (``time.monotonic``), on its first output
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lmfleet.errors import InvalidSamplingParams
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a sequence ended. Values match the OpenAI API where one exists."""
 
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -101,7 +101,9 @@ class SamplingParams:
         if not 0 <= number("min_p", self.min_p) <= 1:
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if number("repetition_penalty", self.repetition_penalty) <= 0:
-            raise bad("repetition_penalty", f"must be greater than 0, got {self.repetition_penalty}")
+            raise bad(
+                "repetition_penalty", f"must be greater than 0, got {self.repetition_penalty}"
+            )
         if not -2 <= number("presence_penalty", self.presence_penalty) <= 2:
             raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= number("frequency_penalty", self.frequency_penalty) <= 2:
@@ -150,6 +152,7 @@ class Request:
         "block_hashes",
         "eos_token_ids",
         "finish_reason",
+        "first_scheduled_time",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -183,6 +186,7 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
+        self.first_scheduled_time: float | None = None
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled lazily
 
     @property

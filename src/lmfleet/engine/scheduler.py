@@ -72,6 +72,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # cumulative, for metrics
+        self.num_generation_tokens = 0
         self._finished_ids: list[str] = []
         self._steps_without_admission = 0
 
@@ -89,10 +91,13 @@ class Scheduler:
 
     # ---- intake --------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        self.num_prompt_tokens += request.num_prompt_tokens
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
-    def abort(self, request_ids: Iterable[str], reason: FinishReason = FinishReason.ABORT) -> list[EngineCoreOutput]:
+    def abort(
+        self, request_ids: Iterable[str], reason: FinishReason = FinishReason.ABORT
+    ) -> list[EngineCoreOutput]:
         """End these requests now; unknown or finished ids are ignored."""
         out = []
         for rid in request_ids:
@@ -186,6 +191,7 @@ class Scheduler:
             self.waiting.pop()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, blocks))
@@ -197,6 +203,7 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         outputs = []
+        self.num_generation_tokens += len(result.sampled)
         for item in sched.scheduled:
             request = item.request
             if request.is_finished:
@@ -205,6 +212,7 @@ class Scheduler:
             token = result.sampled.get(request.request_id)
             if token is None:
                 continue
+            first = not request.output_token_ids
             request.output_token_ids.append(token)
             reason, stop_token = self._check_stop(request, token)
             logprobs = result.logprobs.get(request.request_id)
@@ -216,6 +224,7 @@ class Scheduler:
                     finish_reason=reason,
                     stop_reason=stop_token,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    first_scheduled_time=request.first_scheduled_time if first else None,
                 )
             )
             if reason is not None:
@@ -247,4 +256,8 @@ class Scheduler:
     def queue_snapshot(self) -> dict[str, float]:
         now = time.monotonic()
         oldest = min((r.arrival_time for r in self.waiting), default=now)
-        return {"running": len(self.running), "waiting": len(self.waiting), "oldest_wait_s": now - oldest}
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "oldest_wait_s": now - oldest,
+        }

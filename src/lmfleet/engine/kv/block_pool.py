@@ -49,7 +49,9 @@ class BlockPool:
         """Fraction of blocks referenced by at least one request."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def lookup(self, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> int | None:
+    def lookup(
+        self, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]
+    ) -> int | None:
         """The id of a cached block holding exactly these tokens after this parent."""
         block_id = self._cached.get(block_hash)
         if block_id is None:
@@ -132,7 +134,9 @@ class BlockPool:
             if block.ref_cnt < 0:
                 raise RuntimeError(f"block {block.block_id} has ref_cnt {block.ref_cnt}")
             if in_free != (block.ref_cnt == 0):
-                raise RuntimeError(f"block {block.block_id}: ref_cnt {block.ref_cnt}, free={in_free}")
+                raise RuntimeError(
+                    f"block {block.block_id}: ref_cnt {block.ref_cnt}, free={in_free}"
+                )
         for block_hash, block_id in self._cached.items():
             if self.blocks[block_id].block_hash != block_hash:
                 raise RuntimeError(f"cache index points at block {block_id} with another hash")

@@ -1,0 +1,253 @@
+"""The one bridge between the engine and asyncio.
+
+The engine core loops in a background thread. Requests go in through a thread-safe
+inbox; each step's outputs come back to the event loop, where the output processor
+turns them into text deltas and puts them on one asyncio queue per request.
+Cancelling a consumer (a client that disconnects) aborts its request and frees its
+KV blocks at the next step.
+
+The narrow client interface (``start``, ``generate``, ``abort``, ``stats``, ``call``,
+``shutdown``) is all the server uses, so the core can later move to its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from lmfleet.engine.config import EngineConfig
+from lmfleet.engine.core import EngineCore, EngineStats
+from lmfleet.engine.llm import load_tokenizer
+from lmfleet.engine.output_processor import OutputProcessor
+from lmfleet.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from lmfleet.engine.tokenizer import Tokenizer
+from lmfleet.errors import DuplicateRequestId, EngineDead, RequestRejected
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_IDLE_WAIT_S = 0.5
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self._progress = progress
+        self.core: EngineCore | None = None
+        self.tokenizer: Tokenizer | None = None
+        self._processor: OutputProcessor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._stats: EngineStats | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model (in a worker thread, so the event loop keeps serving
+        health checks) and start the engine loop."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="lmfleet-engine", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        self.core = EngineCore(self.config, progress=self._progress)
+        self.tokenizer = load_tokenizer(self.config.model.model)
+        self._processor = OutputProcessor(self.tokenizer)
+        self._stats = self.core.stats()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # ---- requests ------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected("this model has no tokenizer; send token ids", param="prompt")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs as deltas. Raises a ``RequestRejected``
+        subclass before the first output if the request cannot be served."""
+        core, processor = self._require_running()
+        rid = request_id or self.new_request_id()
+        if rid in self._queues:
+            raise DuplicateRequestId(f"request id {rid!r} is already in flight")
+        token_ids = self.encode(prompt)
+        now = time.monotonic()
+        eos = (
+            self.tokenizer.eos_token_ids
+            if self.tokenizer
+            else frozenset(core.runner.arch.eos_token_ids)
+        )
+        request = Request(
+            rid, token_ids, params, eos_token_ids=eos, priority=priority, arrival_time=now
+        )
+        core.validate(request)  # reads only immutable limits: safe from this thread
+        q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[rid] = q
+        processor.add_request(
+            rid,
+            token_ids,
+            params,
+            arrival_time=now,
+            delta=True,
+            prompt=prompt if isinstance(prompt, str) else None,
+        )
+        self._send("add", request)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed at the engine's next step."""
+        self._queues.pop(request_id, None)
+        if self._processor is not None:
+            self._processor.drop(request_id)
+        self._send("abort", [request_id])
+
+    def abort_all(self, reason: FinishReason = FinishReason.ABORT) -> None:
+        """End every request in flight; streams end with ``reason``."""
+        self._send("abort_all", reason)
+
+    def stats(self) -> EngineStats | None:
+        return self._stats
+
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run ``fn(core)`` on the engine thread between two steps."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", (fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    # ---- plumbing ------------------------------------------------------------------
+    def _require_running(self) -> tuple[EngineCore, OutputProcessor]:
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop stopped: {self._dead!r}")
+        if self.core is None or self._processor is None or self._thread is None:
+            raise EngineDead("the engine is not started")
+        return self.core, self._processor
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _run(self) -> None:
+        core = self.core
+        if core is None:  # _load runs before the thread starts
+            raise EngineDead("engine loop started before the model was loaded")
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                self._drain_inbox(core)
+                if not core.has_unfinished():
+                    self._stats = core.stats()
+                    self._wake.wait(_IDLE_WAIT_S)
+                    continue
+                outputs = core.step()
+                self._stats = core.stats()
+                if outputs:
+                    self._post(self._dispatch, outputs)
+        except BaseException as exc:  # the loop must report, never vanish
+            logger.exception("engine loop crashed")
+            self._dead = exc
+            self._post(self._fail_all, exc)
+
+    def _drain_inbox(self, core: EngineCore) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    core.add_request(payload)
+                except RequestRejected as exc:
+                    self._post(self._fail_one, payload.request_id, exc)
+            elif kind == "abort":
+                core.abort(payload)
+            elif kind == "abort_all":
+                outputs = core.abort(list(core.scheduler.requests), payload)
+                self._post(self._dispatch, outputs)
+            elif kind == "call":
+                fn, fut = payload
+                try:
+                    fut.set_result(fn(core))
+                except Exception as exc:
+                    fut.set_exception(exc)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _dispatch(self, outputs: list) -> None:
+        processor = self._processor
+        if processor is None:
+            return
+        processed = processor.process(outputs)
+        if processed.to_abort:
+            self._send("abort", processed.to_abort)
+        for out in processed.outputs:
+            q = self._queues.get(out.request_id)
+            if q is None:
+                continue
+            q.put_nowait(out)
+            if out.finished:
+                del self._queues[out.request_id]
+
+    def _fail_one(self, request_id: str, exc: BaseException) -> None:
+        if self._processor is not None:
+            self._processor.drop(request_id)
+        q = self._queues.pop(request_id, None)
+        if q is not None:
+            q.put_nowait(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        dead = EngineDead(f"the engine loop stopped: {exc!r}")
+        for q in self._queues.values():
+            q.put_nowait(dead)
+        self._queues.clear()

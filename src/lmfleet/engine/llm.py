@@ -1,0 +1,129 @@
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+Runs the engine core in the calling thread until every prompt is done. Text
+prompts need a tokenizer in the model directory; token-id prompts do not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmfleet.engine.config import EngineConfig, engine_config
+from lmfleet.engine.core import EngineCore
+from lmfleet.engine.output_processor import OutputProcessor
+from lmfleet.engine.request import Request, RequestOutput, SamplingParams
+from lmfleet.engine.tokenizer import Tokenizer
+from lmfleet.errors import RequestRejected
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+def load_tokenizer(model_dir: str) -> Tokenizer | None:
+    """The model directory's tokenizer, or None when it ships none."""
+    if not (Path(model_dir) / "tokenizer.json").exists():
+        return None
+    return Tokenizer.from_dir(model_dir)
+
+
+class LLM:
+    def __init__(self, model: str | EngineConfig, *, progress: bool = True, **settings: object):
+        self.config = model if isinstance(model, EngineConfig) else engine_config(model, **settings)
+        self.core = EngineCore(self.config, progress=progress)
+        self.tokenizer = load_tokenizer(self.config.model.model)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.eos_token_ids
+        return frozenset(self.core.runner.arch.eos_token_ids)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected(
+                    "text prompts need a tokenizer.json in the model directory", param="prompt"
+                )
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: Sequence[int] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        n = len(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != n:
+            raise ValueError(f"{len(params_list)} sampling params for {n} prompts")
+        ids: list[str] = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params_list, strict=True)):
+                ids.append(self._add(p, sp, priority[i] if priority else 0))
+        except Exception:
+            self.core.abort(ids)  # all or nothing: leave no half-submitted batch behind
+            for rid in ids:
+                self.processor.drop(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=n, desc="generating", disable=not use_tqdm, unit="req")
+        while self.core.has_unfinished():
+            processed = self.processor.process(self.core.step())
+            if processed.to_abort:
+                self.core.abort(processed.to_abort)
+            for out in processed.outputs:
+                results[out.request_id] = out
+                bar.update(1)
+        bar.close()
+        return [results[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        **kwargs: object,
+    ) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise RequestRejected("chat needs a tokenizer in the model directory", param="messages")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, **kwargs)  # type: ignore[arg-type]
+
+    def _add(self, prompt: Prompt, params: SamplingParams, priority: int) -> str:
+        rid = str(next(self._ids))
+        token_ids = self.encode(prompt)
+        now = time.monotonic()
+        request = Request(
+            rid,
+            token_ids,
+            params,
+            eos_token_ids=self.eos_token_ids,
+            priority=priority,
+            arrival_time=now,
+        )
+        self.core.add_request(request)
+        self.processor.add_request(
+            rid,
+            token_ids,
+            params,
+            arrival_time=now,
+            delta=False,
+            prompt=prompt if isinstance(prompt, str) else None,
+        )
+        return rid

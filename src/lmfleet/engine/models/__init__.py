@@ -1,0 +1,1 @@
+"""Decoder implementations, their configuration parsing, and the weight loader."""

@@ -1,0 +1,187 @@
+"""Load a Hugging Face safetensors checkpoint into a decoder.
+
+The module is built on the ``meta`` device (no memory), then each tensor is read
+from its file on its own, converted to the target dtype and device, and assigned
+as the parameter, so at most one tensor exists twice at any time. Every problem
+with the files raises :class:`~lmfleet.errors.ModelLoadError` naming the file (and
+the tensor). This module knows nothing about the KV cache or the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm import tqdm
+
+from lmfleet.engine.models.config import ArchConfig
+from lmfleet.engine.models.llama import LlamaForCausalLM
+from lmfleet.engine.models.registry import resolve
+from lmfleet.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: checkpoint tensors that older exports carry and the decoders recompute
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run. ``num_bytes`` counts the tensor data read from the
+    checkpoint (in its stored dtype); ``bytes_per_second`` is that over ``load_seconds``."""
+
+    model: LlamaForCausalLM
+    arch: ArchConfig
+    num_bytes: int
+    load_seconds: float
+    bytes_per_second: float
+
+
+def checkpoint_files(model_dir: Path) -> tuple[list[Path], Path, dict[str, str] | None]:
+    """The safetensors files of ``model_dir``, the file that lists them (for error
+    messages), and the index's tensor → file map when the checkpoint is sharded."""
+    index_path = model_dir / INDEX_FILE
+    single = model_dir / SINGLE_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = dict(index["weight_map"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index_path}: not a valid safetensors index: {exc!r}") from exc
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (model_dir / name).is_file():
+                raise ModelLoadError(f"{model_dir / name}: shard listed in {index_path} not found")
+        return [model_dir / name for name in names], index_path, weight_map
+    if single.is_file():
+        return [single], single, None
+    raise ModelLoadError(f"{single}: not found (nor {INDEX_FILE}) in {model_dir}")
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    progress: bool = True,
+    max_model_len: int | None = None,
+) -> LoadedModel:
+    """Build the decoder of ``model_dir`` and load its weights as ``dtype`` on ``device``.
+
+    ``max_model_len`` (default: the checkpoint's ``max_position_embeddings``) sizes
+    the rotary tables and is checked against a configured sliding window.
+    """
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    start = time.perf_counter()
+    arch = ArchConfig.from_dir(model_dir)
+    max_len = max_model_len or arch.max_position_embeddings
+    arch.check_max_model_len(max_len)
+    files, listing, weight_map = checkpoint_files(model_dir)
+
+    with torch.device("meta"):
+        model = resolve(arch)(arch, max_positions=max_len)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    total = sum(path.stat().st_size for path in files)
+    num_bytes = 0
+    loaded: dict[str, Path] = {}
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        file=sys.stderr,
+        disable=not progress,
+    ) as bar:
+        for path in files:
+            file_bytes = 0
+            for name, tensor in _read_file(path, params):
+                if name in loaded:
+                    raise ModelLoadError(f"{path}: tensor {name} also stored in {loaded[name]}")
+                if weight_map is not None and weight_map.get(name, path.name) != path.name:
+                    raise ModelLoadError(
+                        f"{path}: tensor {name} is listed in {listing} under {weight_map[name]}"
+                    )
+                file_bytes += tensor.nbytes
+                _assign(model, name, _convert(tensor, dtype, device))
+                loaded[name] = path
+                bar.update(tensor.nbytes)
+            num_bytes += file_bytes
+            bar.update(path.stat().st_size - file_bytes)  # header and padding
+
+    tied = arch.tie_word_embeddings and "lm_head.weight" not in loaded
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if weight_map is not None:
+        absent = [n for n in weight_map if n not in loaded and not n.endswith(_IGNORED_SUFFIXES)]
+        if absent:
+            raise ModelLoadError(
+                f"{model_dir / weight_map[absent[0]]}: tensor {absent[0]} listed in {listing} "
+                "is not in the file"
+            )
+    missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{listing}: missing tensor {missing[0]}{more}")
+
+    model.init_buffers(device)
+    model.eval()
+    seconds = time.perf_counter() - start
+    rate = num_bytes / seconds if seconds > 0 else float("inf")
+    logger.info(
+        "loaded %s (%s) from %s: %.1f MB in %.2fs, %.1f MB/s",
+        arch.architecture,
+        str(dtype).removeprefix("torch."),
+        model_dir,
+        num_bytes / 1e6,
+        seconds,
+        rate / 1e6,
+    )
+    return LoadedModel(model, arch, num_bytes, seconds, rate)
+
+
+def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` of ``path`` one at a time, after checking the name
+    and shape against the model's parameters."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name not in params:
+                    if name.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    raise ModelLoadError(f"{path}: unexpected tensor {name} (not in the model)")
+                shape = tuple(f.get_slice(name).get_shape())
+                want = tuple(params[name].shape)
+                if shape != want:
+                    raise ModelLoadError(
+                        f"{path}: tensor {name} has shape {list(shape)}, the model expects {list(want)}"
+                    )
+                tensor = f.get_tensor(name)
+                if not tensor.is_floating_point():
+                    raise ModelLoadError(
+                        f"{path}: tensor {name} has dtype {tensor.dtype}, not a float"
+                    )
+                yield name, tensor
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read safetensors: {exc}") from exc
+
+
+def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tensor`` in ``dtype`` on ``device`` (no copy when it already is)."""
+    return tensor.to(device=device, dtype=dtype)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))

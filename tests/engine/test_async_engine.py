@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmfleet.engine.async_engine import AsyncEngine
+from lmfleet.engine.config import engine_config
+from lmfleet.engine.llm import LLM
+from lmfleet.engine.request import FinishReason, SamplingParams
+from lmfleet.errors import PromptTooLong
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(model_dir, **kw) -> AsyncEngine:
+    engine = AsyncEngine(engine_config(str(model_dir), **kw), progress=False)
+    await engine.start()
+    return engine
+
+
+async def collect(engine, prompt, params, **kw):
+    text, toks, last = [], [], None
+    async for out in engine.generate(prompt, params, **kw):
+        text.append(out.text)
+        toks.extend(out.token_ids)
+        last = out
+    return "".join(text), toks, last
+
+
+def test_concurrent_streams_match_offline(tiny_model_dir):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["Hello there", "The fleet", "Ünïcödé 日本語 text", "a"]
+    expected = LLM(str(tiny_model_dir), progress=False).generate(prompts, params)
+
+    async def main():
+        engine = await started(tiny_model_dir)
+        try:
+            return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+        finally:
+            await engine.shutdown()
+
+    results = run(main())
+    for (text, toks, last), exp in zip(results, expected, strict=True):
+        assert toks == exp.token_ids
+        assert text == exp.text
+        assert last.finished and last.finish_reason is FinishReason.LENGTH
+
+
+def test_cancelled_consumer_aborts_and_frees_blocks(tiny_model_dir):
+    async def main():
+        engine = await started(tiny_model_dir)
+        try:
+            long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+            agen = engine.generate([5] * 40, long)
+            got = 0
+            async for out in agen:
+                got += len(out.token_ids)
+                if got >= 5:
+                    break
+            await agen.aclose()
+            # a short request after it still completes
+            _, toks, _ = await collect(
+                engine, [7, 8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            )
+            assert len(toks) == 4
+            for _ in range(100):
+                stats = engine.stats()
+                if stats.num_running == 0 and stats.num_free_blocks == stats.num_blocks:
+                    break
+                await asyncio.sleep(0.02)
+            return engine.stats()
+        finally:
+            await engine.shutdown()
+
+    stats = run(main())
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_rejected_request_raises_before_streaming(tiny_model_dir):
+    async def main():
+        engine = await started(tiny_model_dir, max_model_len=64)
+        try:
+            with pytest.raises(PromptTooLong):
+                await collect(engine, [1] * 64, SamplingParams(max_tokens=1))
+            _, toks, _ = await collect(
+                engine, [1] * 10, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            )
+            return toks
+        finally:
+            await engine.shutdown()
+
+    assert len(run(main())) == 3
+
+
+def test_stop_string_ends_stream(tiny_model_dir):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = LLM(str(tiny_model_dir), progress=False).generate("Stop here", params)[0].text
+    stop = full[10:13]
+    if not stop.strip():
+        pytest.skip("greedy text has no usable stop string")
+
+    async def main():
+        engine = await started(tiny_model_dir)
+        try:
+            return await collect(
+                engine,
+                "Stop here",
+                SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True),
+            )
+        finally:
+            await engine.shutdown()
+
+    text, _, last = run(main())
+    assert text == full[: full.index(stop)]
+    assert last.finish_reason is FinishReason.STOP and last.stop_reason == stop
