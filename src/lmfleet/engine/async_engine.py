@@ -64,7 +64,7 @@ class AsyncEngine:
 
     def _load(self) -> None:
         self.core = EngineCore(self.config, progress=self._progress)
-        self.tokenizer = load_tokenizer(self.config.model.model)
+        self.tokenizer = load_tokenizer(self.core.model_dir)
         self._processor = OutputProcessor(self.tokenizer)
         self._stats = self.core.stats()
 
@@ -112,7 +112,7 @@ class AsyncEngine:
         eos = (
             self.tokenizer.eos_token_ids
             if self.tokenizer
-            else frozenset(core.runner.arch.eos_token_ids)
+            else core.eos_token_ids
         )
         request = Request(
             rid, token_ids, params, eos_token_ids=eos, priority=priority, arrival_time=now

@@ -36,9 +36,16 @@ class ModelConfig:
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
+    #: simulated models only: run this many times faster than the profile says
+    sim_time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must name a model directory")
+        _check(
+            self.sim_time_scale > 0,
+            "sim_time_scale",
+            f"must be positive, got {self.sim_time_scale}",
+        )
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         _check(
             self.max_model_len is None or self.max_model_len > 0,

@@ -16,6 +16,7 @@ from lmfleet.engine.outputs import EngineCoreOutput
 from lmfleet.engine.request import FinishReason, Request
 from lmfleet.engine.runner import ModelRunner
 from lmfleet.engine.scheduler import Scheduler
+from lmfleet.engine.sim import SIM_PREFIX, SimRunner
 from lmfleet.errors import (
     DuplicateRequestId,
     EngineBusy,
@@ -49,13 +50,22 @@ class EngineStats:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
 
+def build_runner(config: EngineConfig, *, progress: bool = True) -> ModelRunner | SimRunner:
+    """A real model runner, or the simulated accelerator for ``sim:PROFILE`` models."""
+    if config.model.model.startswith(SIM_PREFIX):
+        return SimRunner(config.model, config.cache, progress=progress)
+    return ModelRunner(config.model, config.cache, progress=progress)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
         self.config = config
         t0 = time.perf_counter()
-        self.runner = ModelRunner(config.model, config.cache, progress=progress)
+        self.runner = build_runner(config, progress=progress)
+        self.model_dir = self.runner.model_dir
         arch = self.runner.arch
         self.vocab_size = arch.vocab_size
+        self.eos_token_ids = frozenset(arch.eos_token_id)
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         layout = self.runner.plan_kv_cache()
         self.runner.allocate_kv_cache(layout)

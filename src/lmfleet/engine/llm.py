@@ -37,7 +37,7 @@ class LLM:
     def __init__(self, model: str | EngineConfig, *, progress: bool = True, **settings: object):
         self.config = model if isinstance(model, EngineConfig) else engine_config(model, **settings)
         self.core = EngineCore(self.config, progress=progress)
-        self.tokenizer = load_tokenizer(self.config.model.model)
+        self.tokenizer = load_tokenizer(self.core.model_dir)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -45,7 +45,7 @@ class LLM:
     def eos_token_ids(self) -> frozenset[int]:
         if self.tokenizer is not None:
             return self.tokenizer.eos_token_ids
-        return frozenset(self.core.runner.arch.eos_token_ids)
+        return self.core.eos_token_ids
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -60,6 +60,7 @@ class ModelRunner:
         self.model_config = model_config
         self.cache_config = cache_config
         self.device = torch.device(model_config.device)
+        self.model_dir = model_config.model
         from lmfleet.engine.models.config import ArchConfig
 
         arch = ArchConfig.from_dir(model_config.model)

@@ -1,0 +1,169 @@
+"""The simulated accelerator's runner: the real scheduler and KV cache manager feed
+it, and instead of running a model it sleeps for the step time its profile gives and
+emits deterministic tokens.
+
+A generated token is a function of the seed, the position and the last
+``CONTEXT_WINDOW`` tokens before it, so a stream is reproducible, and resubmitting a
+prompt plus the tokens already generated continues it exactly (what a gateway does
+to resume a stream on another replica).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmfleet.engine.config import CacheConfig, ModelConfig
+from lmfleet.engine.outputs import RunnerOutput, SchedulerOutput
+from lmfleet.engine.request import Logprob, Request, TokenLogprobs
+from lmfleet.engine.runner import KVCacheLayout
+from lmfleet.engine.sim.profile import SimProfile, get_profile
+from lmfleet.engine.sim.tokenizer import EOS_ID, FIRST_WORD_ID, IM_END_ID, write_sim_tokenizer
+from lmfleet.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SIM_PREFIX = "sim:"
+CONTEXT_WINDOW = 8
+_MASK = (1 << 61) - 1
+
+
+def sim_home() -> Path:
+    base = os.environ.get("LMFLEET_HOME", str(Path.home() / ".cache" / "lmfleet"))
+    return Path(base) / "sim"
+
+
+@dataclass(frozen=True, slots=True)
+class SimArch:
+    """The few architecture facts the engine core reads from a runner."""
+
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_id: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SimLoad:
+    num_bytes: int
+    load_seconds: float
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.num_bytes / self.load_seconds if self.load_seconds > 0 else 0.0
+
+
+def sim_token(seed: int, position: int, context: tuple[int, ...], vocab_size: int, eos_p: float) -> int:
+    """The token the simulated model emits after ``context`` at ``position``."""
+    h = hash((seed, position, context)) & _MASK
+    if eos_p > 0 and (h % 1_000_003) < eos_p * 1_000_003:
+        return EOS_ID
+    return FIRST_WORD_ID + (h >> 20) % (vocab_size - FIRST_WORD_ID)
+
+
+class SimRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, progress: bool = True):
+        name = model_config.model[len(SIM_PREFIX) :]
+        self.profile: SimProfile = get_profile(name)
+        self.time_scale = model_config.sim_time_scale
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
+        p = self.profile
+        self.model_dir = str(write_sim_tokenizer(sim_home() / p.name, p.vocab_size))
+        self.arch = SimArch(p.vocab_size, p.max_model_len, (EOS_ID, IM_END_ID))
+        self.asleep = False
+        self.layout: KVCacheLayout | None = None
+        self.seconds_simulated = 0.0
+        t0 = time.perf_counter()
+        self._pause(p.load_s, "loading (simulated)" if progress else None)
+        self.loaded = SimLoad(p.weight_bytes, time.perf_counter() - t0)
+
+    # ---- the runner interface ------------------------------------------------------
+    def plan_kv_cache(self) -> KVCacheLayout:
+        cfg = self.cache_config
+        per_block = self.profile.kv_bytes_per_token * self.block_size
+        if cfg.num_blocks_override is not None:
+            num_blocks = cfg.num_blocks_override
+        elif cfg.kv_cache_memory_bytes is not None:
+            num_blocks = cfg.kv_cache_memory_bytes // per_block
+        else:
+            num_blocks = self.profile.kv_capacity_tokens // self.block_size
+        if num_blocks < 2:
+            raise ConfigError(f"kv_cache_memory_bytes: buys {num_blocks} blocks; need at least 2")
+        return KVCacheLayout(num_blocks, self.block_size, per_block)
+
+    def allocate_kv_cache(self, layout: KVCacheLayout) -> None:
+        self.layout = layout
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        start = time.perf_counter()
+        out = RunnerOutput()
+        if sched.is_empty:
+            return out
+        prefill = decode = kv = 0
+        for item in sched.scheduled:
+            r = item.request
+            is_decode = item.num_new_tokens == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+            if is_decode:
+                decode += 1
+            else:
+                prefill += item.num_new_tokens
+            kv += r.num_computed_tokens + item.num_new_tokens
+            if item.samples:
+                token = self._next_token(r)
+                out.sampled[r.request_id] = token
+                if r.sampling_params.logprobs is not None:
+                    out.logprobs[r.request_id] = _fake_logprobs(token, r.sampling_params.logprobs)
+        step = self.profile.step_seconds(prefill, decode, kv)
+        self.seconds_simulated += step
+        remaining = start + step / self.time_scale - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        return out
+
+    def sleep(self) -> float:
+        t0 = time.perf_counter()
+        self._pause(self.profile.sleep_s, None)
+        self.asleep = True
+        return time.perf_counter() - t0
+
+    def wake(self) -> float:
+        t0 = time.perf_counter()
+        self._pause(self.profile.wake_s, None)
+        self.asleep = False
+        return time.perf_counter() - t0
+
+    # ---- helpers -------------------------------------------------------------------
+    def _next_token(self, r: Request) -> int:
+        params = r.sampling_params
+        n = r.num_tokens
+        out = r.output_token_ids
+        if len(out) >= CONTEXT_WINDOW:
+            context = tuple(out[-CONTEXT_WINDOW:])
+        else:
+            context = tuple(r.prompt_token_ids[len(out) - CONTEXT_WINDOW :]) + tuple(out)
+        seed = params.seed or 0
+        eos_p = 0.0 if params.ignore_eos else self.profile.eos_probability
+        if len(r.output_token_ids) < params.min_tokens:
+            eos_p = 0.0
+        token = sim_token(seed, n, context, self.profile.vocab_size, eos_p)
+        while token in params.stop_token_ids and len(r.output_token_ids) < params.min_tokens:
+            token = FIRST_WORD_ID + (token + 1 - FIRST_WORD_ID) % (self.profile.vocab_size - FIRST_WORD_ID)
+        return token
+
+    def _pause(self, seconds: float, label: str | None) -> None:
+        total = seconds / self.time_scale
+        if label:
+            logger.info("%s: %.1f s (profile %s, time scale %g)", label, total, self.profile.name, self.time_scale)
+        end = time.perf_counter() + total
+        while (left := end - time.perf_counter()) > 0:
+            time.sleep(min(left, 1.0))
+
+
+def _fake_logprobs(token: int, n: int) -> TokenLogprobs:
+    """Deterministic stand-in logprobs: the sampled token ranks first."""
+    sampled = Logprob(token, -0.05, 1)
+    top = tuple(Logprob(token if i == 0 else FIRST_WORD_ID + i, -0.05 - i, i + 1) for i in range(n))
+    return TokenLogprobs(sampled, top)
