@@ -184,6 +184,7 @@ def _cmd_create_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmfleet.engine.models.presets import PRESETS
+    from lmfleet.server.serve import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="lmfleet",
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cm.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
     cm.set_defaults(func=_cmd_create_model)
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,241 @@
+"""``lmfleet serve MODEL_DIR``: one replica, the way ``vllm serve`` starts one.
+
+Flags keep vLLM's names. uvicorn runs programmatically; its signal handling is
+replaced so that the first SIGTERM or SIGINT drains (readiness 503, new requests
+503 + Retry-After, running ones finish) and the process exits 0 once idle or when
+``--drain-timeout`` ends. A second SIGINT quits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+
+from lmfleet.server.lifecycle import ReplicaState
+from lmfleet.server.replica import Replica
+from lmfleet.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, parse_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve one model over an OpenAI-compatible HTTP API (one replica)",
+        description="Start one replica: an OpenAI-compatible API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /tokenize, /detokenize), health probes "
+        "(/health/live, /health/ready), a JSON state endpoint (/state), Prometheus "
+        "metrics (/metrics) and admin actions (/admin/drain, /admin/sleep, /admin/wake). "
+        "SIGTERM drains before exiting.",
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    _server_flags(p)
+    _engine_flags(p)
+    _admission_flags(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="model name(s) clients use in the 'model' field; the first is reported in "
+        "responses (default: MODEL_DIR as given)",
+    )
+    g.add_argument(
+        "--version-label",
+        default="v1",
+        help="version of this deployment, reported by /state and as a metric label for "
+        "A/B comparisons (default: %(default)s)",
+    )
+    g.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on the OpenAI routes (401 otherwise); "
+        "env LMFLEET_API_KEY",
+    )
+    g.add_argument(
+        "--admin-token",
+        help="require 'Authorization: Bearer TOKEN' on /admin/* (default: the API key, "
+        "if one is set); env LMFLEET_ADMIN_TOKEN",
+    )
+    g.add_argument(
+        "--disable-uvicorn-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not log one line per HTTP request",
+    )
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype; auto = float32 on CPU, the checkpoint's half "
+        "type on a GPU (default: %(default)s)",
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (cuda when available), cpu, cuda:0 ... (default: %(default)s)",
+    )
+    g.add_argument("--max-model-len", type=int, help="context length (default: the model's own)")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="most sequences in one batch; env MAX_BATCH_SIZE (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one engine step; env MAX_NUM_BATCHED_TOKENS (default: %(default)s)",
+    )
+    g.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        dest="kv_cache_memory_bytes",
+        type=parse_bytes,
+        metavar="BYTES",
+        help="KV cache budget, e.g. 4G or 512Mi (default: 1 GiB on CPU; on a GPU what "
+        "--gpu-memory-utilization leaves)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of accelerator memory the engine may use (default: %(default)s)",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of shared prompt prefixes (default: on)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the shared sampler (default: %(default)s)"
+    )
+
+
+def _admission_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("admission and lifecycle")
+    g.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=1024,
+        help="generation requests in flight beyond which new ones get 429 at once "
+        "(TGI's max_concurrent_requests) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        help="sequences allowed to wait for a batch slot; beyond it new requests get 429 "
+        "(default: no limit)",
+    )
+    g.add_argument(
+        "--max-body-size",
+        dest="max_body_bytes",
+        type=parse_bytes,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="BYTES",
+        help="request bodies larger than this get 413 (default: 8Mi)",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        "--shutdown-timeout",
+        dest="drain_timeout_s",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on drain or SIGTERM, how long running requests may take before the rest are "
+        "aborted (finish_reason 'abort'); keep terminationGracePeriodSeconds above "
+        "preStop + this (default: %(default)s)",
+    )
+    g.add_argument(
+        "--retry-after",
+        dest="retry_after_s",
+        type=int,
+        default=1,
+        metavar="SECONDS",
+        help="Retry-After of 429 and 503 answers (default: %(default)s)",
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM / SIGINT start a drain; the replica sets
+    ``should_exit`` when it stops. uvicorn re-raises the signals it captured after
+    it exits; these are not captured, so a clean drain exits with status 0."""
+
+    def __init__(self, config: uvicorn.Config, replica: Replica) -> None:
+        super().__init__(config)
+        self.replica = replica
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = self.replica.state
+        if self._loop is None or state is ReplicaState.STOPPED or self.should_exit:
+            if sig == signal.SIGINT and self.should_exit:
+                self.force_exit = True  # Ctrl-C twice: stop waiting for connections
+            self.should_exit = True
+            return
+        if state is ReplicaState.DRAINING:
+            if sig == signal.SIGINT:  # Ctrl-C while draining: give up on the drain
+                self.should_exit = True
+            return
+        logger.info("%s received: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self.replica.start_drain)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from lmfleet.server.app import build_app
+
+    if args.api_key is None:
+        args.api_key = os.environ.get("LMFLEET_API_KEY") or None
+    if args.admin_token is None:
+        args.admin_token = os.environ.get("LMFLEET_ADMIN_TOKEN") or None
+    args.log_level = args.log_level.lower()
+    settings = ServerSettings.from_args(args)
+    settings.engine_config()  # fail fast on a bad engine flag, before binding the port
+    replica = Replica(settings)
+    app = build_app(settings, replica=replica)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the CLI's logging setup
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    server = DrainingServer(config, replica)
+
+    def stopped() -> None:
+        server.should_exit = True
+
+    replica.on_stopped = stopped
+    asyncio.run(server.serve())
+    if replica.error is not None:
+        print(f"lmfleet serve: {replica.error}", file=sys.stderr)
+    return replica.exit_code

@@ -1,0 +1,151 @@
+"""Server settings: one frozen dataclass, built from ``lmfleet serve`` flags or by tests.
+
+The engine's own settings (block size, batch limits ...) are kept flat here, with
+the names vLLM users know, and turned into an ``EngineConfig`` by
+:meth:`ServerSettings.engine_config`, which also applies the TGI-style environment
+variables (``MAX_BATCH_SIZE`` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields, replace
+
+from lmfleet.engine.config import EngineConfig, apply_env, engine_config
+from lmfleet.errors import ConfigError
+
+#: request bodies larger than this get 413 (a 128k-token prompt is well under it)
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Everything one replica needs. ``served_model_names`` defaults to ``(model,)``."""
+
+    model: str
+    served_model_names: tuple[str, ...] = ()
+    version_label: str = "v1"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    admin_token: str | None = None
+    # engine
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    progress: bool = True
+    # admission and lifecycle
+    max_concurrent_requests: int = 1024
+    max_waiting_requests: int | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    drain_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    warmup: bool = True
+    access_log: bool = True
+    log_level: str = "info"
+    extra_engine: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            object.__setattr__(self, "served_model_names", (self.model,))
+        elif not isinstance(self.served_model_names, tuple):
+            object.__setattr__(self, "served_model_names", tuple(self.served_model_names))
+        checks = (
+            (self.max_concurrent_requests > 0, "max_concurrent_requests", "must be positive"),
+            (
+                self.max_waiting_requests is None or self.max_waiting_requests >= 0,
+                "max_waiting_requests",
+                "must be at least 0",
+            ),
+            (self.max_body_bytes > 0, "max_body_bytes", "must be positive"),
+            (self.drain_timeout_s >= 0, "drain_timeout", "must be at least 0"),
+            (self.retry_after_s >= 0, "retry_after", "must be at least 0"),
+            (0 <= self.port < 65536, "port", "must be in [0, 65535]"),
+            (bool(self.version_label), "version_label", "must not be empty"),
+        )
+        for ok, name, msg in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {msg}, got {getattr(self, _field_of(name))!r}")
+
+    @property
+    def model_name(self) -> str:
+        """The name responses report: the first served name."""
+        return self.served_model_names[0]
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def engine_config(self) -> EngineConfig:
+        cfg = engine_config(
+            self.model,
+            dtype=self.dtype,
+            device=self.resolved_device,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
+            block_size=self.block_size,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            **self.extra_engine,
+        )
+        return replace(cfg, scheduler=apply_env(cfg.scheduler))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
+        """Settings from the namespace ``lmfleet serve`` parses (same field names)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        if args.served_model_name:
+            values["served_model_names"] = tuple(args.served_model_name)
+        return cls(**values)
+
+
+def _field_of(name: str) -> str:
+    return {"drain_timeout": "drain_timeout_s", "retry_after": "retry_after_s"}.get(name, name)
+
+
+_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4G"``, ``"512Mi"``, ``"1073741824"`` → bytes (an argparse ``type``)."""
+    raw = text.strip().upper().removesuffix("B")
+    number = raw.rstrip("KMGTI")
+    unit = raw[len(number) :]
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected bytes such as 1073741824, 4G or 512Mi"
+        )
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected bytes such as 1073741824, 4G or 512Mi"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return int(value)
