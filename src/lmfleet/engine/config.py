@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from lmfleet.errors import ConfigError
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: model names starting with this select the simulated accelerator (``sim:PROFILE``)
+SIM_PREFIX = "sim:"
 
 
 def _check(cond: bool, name: str, msg: str) -> None:

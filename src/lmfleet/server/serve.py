@@ -1,5 +1,8 @@
 """``lmfleet serve MODEL_DIR``: one replica, the way ``vllm serve`` starts one.
 
+``MODEL_DIR`` may also be ``sim:PROFILE``: the simulated accelerator (real
+scheduler and KV cache, timed stand-in model), sped up by ``--sim-time-scale``.
+
 Flags keep vLLM's names. uvicorn runs programmatically; its signal handling is
 replaced so that the first SIGTERM or SIGINT drains (readiness 503, new requests
 503 + Retry-After, running ones finish) and the process exits 0 once idle or when
@@ -36,7 +39,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "metrics (/metrics) and admin actions (/admin/drain, /admin/sleep, /admin/wake). "
         "SIGTERM drains before exiting.",
     )
-    p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    p.add_argument(
+        "model",
+        metavar="MODEL_DIR",
+        help="Hugging Face checkpoint directory, or sim:PROFILE for the simulated "
+        "accelerator (e.g. sim:llama-8b-h100; no weights, no GPU)",
+    )
     _server_flags(p)
     _engine_flags(p)
     _admission_flags(p)
@@ -131,6 +139,13 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seed", type=int, default=0, help="seed of the shared sampler (default: %(default)s)"
+    )
+    g.add_argument(
+        "--sim-time-scale",
+        type=float,
+        metavar="FACTOR",
+        help="speed the simulated accelerator up uniformly (steps, load, sleep, wake), "
+        "e.g. 10 = ten times faster; only for sim:PROFILE models (default: 1)",
     )
 
 

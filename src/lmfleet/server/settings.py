@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields, replace
 
-from lmfleet.engine.config import EngineConfig, apply_env, engine_config
+from lmfleet.engine.config import SIM_PREFIX, EngineConfig, apply_env, engine_config
 from lmfleet.errors import ConfigError
 
 #: request bodies larger than this get 413 (a 128k-token prompt is well under it)
@@ -41,6 +41,8 @@ class ServerSettings:
     enable_prefix_caching: bool = True
     seed: int = 0
     progress: bool = True
+    #: ``sim:PROFILE`` models only: run the simulated accelerator this many times faster
+    sim_time_scale: float | None = None
     # admission and lifecycle
     max_concurrent_requests: int = 1024
     max_waiting_requests: int | None = None
@@ -69,6 +71,11 @@ class ServerSettings:
             (self.retry_after_s >= 0, "retry_after", "must be at least 0"),
             (0 <= self.port < 65536, "port", "must be in [0, 65535]"),
             (bool(self.version_label), "version_label", "must not be empty"),
+            (
+                self.sim_time_scale is None or self.is_simulated,
+                "sim_time_scale",
+                "only applies to simulated models (sim:PROFILE); drop the flag",
+            ),
         )
         for ok, name, msg in checks:
             if not ok:
@@ -80,7 +87,14 @@ class ServerSettings:
         return self.served_model_names[0]
 
     @property
+    def is_simulated(self) -> bool:
+        """A ``sim:PROFILE`` model: the simulated accelerator, no weights, no torch."""
+        return self.model.startswith(SIM_PREFIX)
+
+    @property
     def resolved_device(self) -> str:
+        if self.is_simulated:
+            return "cpu"  # the simulator runs nothing on a device
         if self.device != "auto":
             return self.device
         import torch
@@ -100,6 +114,7 @@ class ServerSettings:
             enable_prefix_caching=self.enable_prefix_caching,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            **({} if self.sim_time_scale is None else {"sim_time_scale": self.sim_time_scale}),
             **self.extra_engine,
         )
         return replace(cfg, scheduler=apply_env(cfg.scheduler))

@@ -4,11 +4,20 @@ A step takes ``fixed + prefill_token × prefill tokens + decode_seq × decoding
 sequences + kv_token × context tokens read`` seconds. Every coefficient carries a
 note saying where it comes from: published hardware and model figures, or a fit to
 our own engine's measured steps (``benchmarks/sim_calibrate.py``).
+
+More profiles can come from a JSON file named by ``LMFLEET_SIM_PROFILES`` (how a
+test or an experiment hands one to a separate ``lmfleet serve`` process): an object
+of ``name → fields``, where ``"base"`` names a built-in profile to copy and the other
+keys override its fields, e.g. ``{"fast": {"base": "llama-8b-h100", "load_s": 0.1}}``.
+Without ``"base"`` every required field must be given. Built-in names win.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from lmfleet.errors import ConfigError
 
@@ -111,10 +120,45 @@ PROFILES: dict[str, SimProfile] = {
 }
 
 
+#: environment variable naming a JSON file of extra profiles
+PROFILES_ENV = "LMFLEET_SIM_PROFILES"
+
+
 def get_profile(name: str) -> SimProfile:
-    try:
+    if name in PROFILES:
         return PROFILES[name]
-    except KeyError:
-        raise ConfigError(
-            f"model: unknown simulator profile {name!r}; known: {', '.join(sorted(PROFILES))}"
-        ) from None
+    extra = load_extra_profiles()
+    if name in extra:
+        return extra[name]
+    known = ", ".join(sorted({*PROFILES, *extra}))
+    hint = "" if extra else f" (more can be defined in a JSON file named by {PROFILES_ENV})"
+    raise ConfigError(f"model: unknown simulator profile {name!r}; known: {known}{hint}")
+
+
+def load_extra_profiles() -> dict[str, SimProfile]:
+    """The profiles of the ``LMFLEET_SIM_PROFILES`` file; {} when it is not set."""
+    path = os.environ.get(PROFILES_ENV)
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{PROFILES_ENV}: cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PROFILES_ENV}: {path} must hold an object of name -> fields")
+    out: dict[str, SimProfile] = {}
+    for name, spec in raw.items():
+        fields_ = dict(spec) if isinstance(spec, dict) else {}
+        base = fields_.pop("base", None)
+        fields_.setdefault("description", f"{name} (from {path})")
+        fields_.setdefault("notes", {})  # the base's notes describe the base
+        try:
+            if base is None:
+                out[name] = SimProfile(name=name, **fields_)
+            else:
+                out[name] = replace(PROFILES[base], name=name, **fields_)
+        except KeyError:
+            raise ConfigError(f"{PROFILES_ENV}: {name}: unknown base profile {base!r}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{PROFILES_ENV}: {name}: {exc}") from None
+    return out

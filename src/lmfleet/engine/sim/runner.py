@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmfleet.engine.config import CacheConfig, ModelConfig
+from lmfleet.engine.config import SIM_PREFIX, CacheConfig, ModelConfig
 from lmfleet.engine.outputs import RunnerOutput, SchedulerOutput
 from lmfleet.engine.request import Logprob, Request, TokenLogprobs
 from lmfleet.engine.runner import KVCacheLayout
@@ -26,7 +26,6 @@ from lmfleet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SIM_PREFIX = "sim:"
 CONTEXT_WINDOW = 8
 _MASK = (1 << 61) - 1
 
