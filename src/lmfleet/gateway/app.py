@@ -1,0 +1,273 @@
+"""The gateway's ASGI application: ``build_app(config) -> FastAPI``.
+
+The two generation routes are the plain-ASGI :class:`~lmfleet.gateway.proxy.Proxy`
+(no middleware touches a stream). Everything else is ordinary FastAPI:
+
+- ``GET /v1/models``: the fleet's models; ``POST /v1/feedback``: a score for a
+  response id, credited to the version that produced it;
+- ``GET /health`` (200 while the process runs), ``GET /health/ready`` (200 when every
+  model has a routable replica), ``GET /metrics`` (Prometheus);
+- admin (``Authorization: Bearer <admin token>``): ``GET /admin/config``,
+  ``GET /admin/replicas``, ``PATCH /admin/models/{m}/versions/{v}`` (weight),
+  ``POST|DELETE /admin/models/{m}/versions/{v}/replicas`` (add or remove a replica),
+  ``POST /admin/reload``, ``GET /admin/ab/{m}``, and the rollouts:
+  ``POST /admin/rollouts/{m}`` (start), ``GET /admin/rollouts/{m}`` (status and
+  history), ``POST /admin/rollouts/{m}/rollback``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.routing import Route
+
+from lmfleet import __version__
+from lmfleet.errors import ConfigError
+from lmfleet.gateway import abstats, errors
+from lmfleet.gateway.config import FleetConfig, RolloutConfig, load_config
+from lmfleet.gateway.errors import GatewayError
+from lmfleet.gateway.metrics import CONTENT_TYPE
+from lmfleet.gateway.proxy import CHAT_PATH, COMPLETIONS_PATH, Proxy
+from lmfleet.gateway.registry import UnknownTarget
+from lmfleet.gateway.rollout_runner import RolloutRunner, plan_from_config
+from lmfleet.gateway.state import GatewayState
+
+logger = logging.getLogger(__name__)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightPatch(_Body):
+    weight: float = Field(ge=0)
+
+
+class ReplicaBody(_Body):
+    url: str
+
+
+class Feedback(_Body):
+    id: str
+    score: float
+
+
+class RollbackBody(_Body):
+    reason: str = "rolled back through the admin API"
+
+
+def _state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+async def require_admin(request: Request) -> None:
+    _state(request).auth.check_admin(request.headers)
+
+
+def _not_found(exc: UnknownTarget) -> GatewayError:
+    return GatewayError(404, f"no {exc.args[0]}", code="not_found")
+
+
+def _redacted(config: FleetConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    for key in data.get("api_keys", []):
+        if key.get("key"):
+            key["key"] = "***"
+    if data["gateway"].get("admin_token"):
+        data["gateway"]["admin_token"] = "***"
+    return data
+
+
+def _public_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @r.get("/health/ready")
+    async def ready(request: Request) -> Response:
+        reg = _state(request).registry
+        missing = [
+            m for m, entry in reg.models.items()
+            if not any(v.routable() for v in entry.versions.values())
+        ]  # fmt: skip
+        if missing:
+            raise GatewayError(503, f"no ready replica for: {', '.join(missing)}",
+                               headers={"Retry-After": "1"})  # fmt: skip
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    @r.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+    @r.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state = _state(request)
+        state.auth.authenticate(request.headers)
+        created = int(state.started_at)
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "lmfleet",
+                 "root": name, "versions": list(entry.versions)}
+                for name, entry in state.registry.models.items()
+            ],
+        }  # fmt: skip
+
+    @r.post("/v1/feedback")
+    async def feedback(body: Feedback, request: Request) -> dict[str, Any]:
+        state = _state(request)
+        state.auth.authenticate(request.headers)
+        target = state.version_of_response(body.id)
+        if target is None:
+            raise GatewayError(404, f"unknown response id {body.id!r} (too old, or not "
+                               "served by this gateway)", param="id", code="not_found")  # fmt: skip
+        state.version_samples(*target).record_feedback(body.score)
+        return {"model": target[0], "version": target[1], "recorded": True}
+
+    return r
+
+
+def _admin_router() -> APIRouter:
+    r = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+    @r.get("/config")
+    async def get_config(request: Request) -> dict[str, Any]:
+        state = _state(request)
+        return {"config": _redacted(state.config), "path": state.config_path}
+
+    @r.get("/replicas")
+    async def replicas(request: Request) -> dict[str, Any]:
+        return _state(request).registry.snapshot()
+
+    @r.patch("/models/{model}/versions/{version}")
+    async def patch_version(model: str, version: str, body: WeightPatch,
+                            request: Request) -> dict[str, Any]:  # fmt: skip
+        reg = _state(request).registry
+        try:
+            reg.set_weight(model, version, body.weight)
+        except UnknownTarget as exc:
+            raise _not_found(exc) from None
+        logger.info("weight of %s/%s set to %g", model, version, body.weight)
+        return {
+            "model": model,
+            "versions": {n: v.weight for n, v in reg.model(model).versions.items()},
+        }
+
+    @r.post("/models/{model}/versions/{version}/replicas")
+    async def add_replica(model: str, version: str, body: ReplicaBody,
+                          request: Request) -> dict[str, Any]:  # fmt: skip
+        reg = _state(request).registry
+        try:
+            info = reg.add_replica(model, version, body.url)
+        except UnknownTarget as exc:
+            raise _not_found(exc) from None
+        return info.snapshot()
+
+    @r.delete("/models/{model}/versions/{version}/replicas")
+    async def remove_replica(model: str, version: str, body: ReplicaBody,
+                             request: Request) -> dict[str, Any]:  # fmt: skip
+        try:
+            _state(request).registry.remove_replica(model, version, body.url)
+        except UnknownTarget as exc:
+            raise _not_found(exc) from None
+        return {"removed": body.url}
+
+    @r.post("/reload")
+    async def reload(request: Request) -> dict[str, Any]:
+        state = _state(request)
+        if state.config_path is None:
+            raise GatewayError(409, "the gateway was not started from a file", code="no_file")
+        state.apply_config(load_config(state.config_path))
+        return {"reloaded": state.config_path, "models": list(state.registry.models)}
+
+    @r.get("/ab/{model}")
+    async def ab(model: str, request: Request, baseline: str | None = None) -> dict[str, Any]:
+        state = _state(request)
+        try:
+            entry = state.registry.model(model)
+        except UnknownTarget as exc:
+            raise _not_found(exc) from None
+        names = list(entry.versions)
+        base = baseline or (entry.config.rollout.baseline if entry.config.rollout else names[0])
+        if base not in names:
+            raise GatewayError(400, f"baseline {base!r} is not a version of {model!r}",
+                               param="baseline")  # fmt: skip
+        samples = {n: state.version_samples(model, n) for n in names}
+        return {"model": model, **abstats.report(samples, base)}
+
+    @r.post("/rollouts/{model}")
+    async def start_rollout(model: str, request: Request,
+                            body: RolloutConfig | None = None) -> dict[str, Any]:  # fmt: skip
+        state = _state(request)
+        runner: RolloutRunner = request.app.state.rollouts
+        try:
+            entry = state.registry.model(model)
+        except UnknownTarget as exc:
+            raise _not_found(exc) from None
+        cfg = body or entry.config.rollout
+        if cfg is None:
+            raise GatewayError(400, f"model {model!r} has no rollout in the fleet file; send "
+                               "one in the body", code="no_rollout")  # fmt: skip
+        runner.start_rollout(model, plan_from_config(cfg))
+        return runner.status(model)
+
+    @r.get("/rollouts/{model}")
+    async def rollout_status(model: str, request: Request) -> dict[str, Any]:
+        runner: RolloutRunner = request.app.state.rollouts
+        try:
+            return runner.status(model)
+        except ConfigError as exc:
+            raise GatewayError(404, str(exc), code="not_found") from None
+
+    @r.post("/rollouts/{model}/rollback")
+    async def rollback(model: str, request: Request,
+                       body: RollbackBody | None = None) -> dict[str, Any]:  # fmt: skip
+        runner: RolloutRunner = request.app.state.rollouts
+        try:
+            runner.rollback(model, (body or RollbackBody()).reason)
+        except ConfigError as exc:
+            raise GatewayError(404, str(exc), code="not_found") from None
+        return runner.status(model)
+
+    return r
+
+
+def build_app(
+    config: FleetConfig, *, config_path: str | None = None, state: GatewayState | None = None
+) -> FastAPI:
+    """The gateway's ASGI app; polling and rollouts start with the lifespan."""
+    state = state or GatewayState(config, config_path=config_path)
+    state.started_at = time.time()
+    proxy = Proxy(state)
+    rollouts = RolloutRunner(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        await rollouts.start()
+        try:
+            yield
+        finally:
+            await rollouts.close()
+            await proxy.close()
+            await state.close()
+
+    app = FastAPI(title="lmfleet gateway", version=__version__, lifespan=lifespan)
+    app.state.gateway = state
+    app.state.proxy = proxy
+    app.state.rollouts = rollouts
+    errors.install(app)
+    app.router.routes.append(Route(CHAT_PATH, proxy, methods=["POST"]))
+    app.router.routes.append(Route(COMPLETIONS_PATH, proxy, methods=["POST"]))
+    app.include_router(_public_router())
+    app.include_router(_admin_router())
+    return app

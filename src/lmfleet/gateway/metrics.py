@@ -1,0 +1,141 @@
+"""Prometheus metrics of the gateway: what its ``GET /metrics`` serves.
+
+Per model and version: requests by outcome, TTFT, TPOT and end-to-end latency as
+the gateway's client sees them, prompt and completion tokens, queue depth (the
+autoscaler's signal: ``lmfleet_gateway_queue_depth{model,version}``) and queue
+wait, retries, stream resumes, shadow copies, replicas routable. Gauges of state
+(queue depth, in-flight, replicas, weights) are read from the registry at scrape
+time, so the request path only touches counters and histograms.
+
+Each ``GatewayMetrics`` owns its ``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from lmfleet.gateway.registry import Registry
+
+PREFIX = "lmfleet_gateway"
+LABELS = ("model", "version")
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+TTFT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+)  # fmt: skip
+TOKEN_GAP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
+    30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
+)  # fmt: skip
+QUEUE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class _StateCollector(Collector):
+    """Gauges read from the registry when Prometheus scrapes."""
+
+    def __init__(self, registry: Callable[[], Registry | None]) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        reg = self._registry()
+        depth = GaugeMetricFamily(
+            f"{PREFIX}_queue_depth", "requests waiting for a slot", labels=LABELS
+        )
+        inflight = GaugeMetricFamily(
+            f"{PREFIX}_inflight_requests", "requests admitted and not finished", labels=LABELS
+        )
+        capacity = GaugeMetricFamily(
+            f"{PREFIX}_capacity", "slots: routable replicas × max_inflight", labels=LABELS
+        )
+        weight = GaugeMetricFamily(f"{PREFIX}_version_weight", "traffic weight", labels=LABELS)
+        replicas = GaugeMetricFamily(
+            f"{PREFIX}_replicas", "replicas by routability", labels=(*LABELS, "routable")
+        )
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_queue_oldest_wait_seconds", "wait of the oldest queued request",
+            labels=LABELS,
+        )  # fmt: skip
+        if reg is not None:
+            for v in reg.all_versions():
+                labels = [v.model, v.name]
+                depth.add_metric(labels, v.queue.depth)
+                inflight.add_metric(labels, v.queue.inflight)
+                capacity.add_metric(labels, v.queue.capacity)
+                weight.add_metric(labels, v.weight)
+                oldest.add_metric(labels, v.queue.oldest_wait_s())
+                n_up = sum(1 for r in v.replicas.values() if r.routable)
+                replicas.add_metric([*labels, "true"], n_up)
+                replicas.add_metric([*labels, "false"], len(v.replicas) - n_up)
+        yield from (depth, inflight, capacity, weight, replicas, oldest)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._fleet: Registry | None = None
+        self.requests = Counter(
+            f"{PREFIX}_requests", "generation requests by outcome",
+            (*LABELS, "outcome"), registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "arrival at the gateway → first token sent",
+            LABELS, buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds", "(e2e − TTFT) / (output tokens − 1)",
+            LABELS, buckets=TOKEN_GAP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds", "arrival → last byte sent",
+            LABELS, buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "time in the admission queue",
+            LABELS, buckets=QUEUE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            f"{PREFIX}_tokens", "tokens by kind (prompt, completion)",
+            (*LABELS, "kind"), registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            f"{PREFIX}_errors", "failed requests by kind", (*LABELS, "kind"), registry=r
+        )
+        self.retries = Counter(
+            f"{PREFIX}_retries", "attempts sent to another replica, by reason",
+            (*LABELS, "reason"), registry=r,
+        )  # fmt: skip
+        self.resumes = Counter(
+            f"{PREFIX}_stream_resumes", "streams continued on another replica, by outcome",
+            (*LABELS, "outcome"), registry=r,
+        )  # fmt: skip
+        self.shadow = Counter(
+            f"{PREFIX}_shadow_requests", "copies sent to a shadow version, by outcome",
+            (*LABELS, "outcome"), registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            f"{PREFIX}_rejected", "requests refused before routing, by reason",
+            ("reason",), registry=r,
+        )  # fmt: skip
+        self.registry.register(_StateCollector(lambda: self._fleet))
+
+    def bind(self, fleet: Registry) -> None:
+        self._fleet = fleet
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,368 @@
+"""Which versions each model has, which replicas serve each version, and which of
+those may take traffic right now.
+
+A replica takes traffic ("routable") only while its last ``/state`` poll said READY.
+Connection errors, a failed poll, STARTING, DRAINING, ASLEEP or STOPPED eject it; the
+first poll that finds it READY again re-admits it. The proxy ejects at once (without
+waiting for the next poll) when a connection fails or a replica answers 503.
+
+The registry owns the gateway's in-flight count per replica and the admission queue
+of each (model, version): the queue's capacity is the sum of ``max_inflight`` over the
+routable replicas, so with no routable replica requests wait in the queue (scale from
+zero) and are let through as soon as one turns READY.
+
+Replicas come from the fleet file and from :meth:`Registry.add_replica` (an
+autoscaler); a reload replaces the file's replicas and keeps the added ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from lmfleet.gateway.config import FleetConfig, ModelConfig, VersionConfig
+from lmfleet.gateway.policies.admission import AdmissionQueue
+from lmfleet.gateway.policies.balance import Balancer, ReplicaView, make_balancer
+
+logger = logging.getLogger(__name__)
+
+#: replica states from /state that take traffic
+_READY = "ready"
+#: polls in a row that time out before a replica is ejected
+_POLL_FAILURES = 3
+
+
+@dataclass(slots=True)
+class ReplicaInfo:
+    """What the gateway knows about one replica."""
+
+    url: str
+    model: str
+    version: str
+    #: "config" (from the fleet file) or "dynamic" (added through the API)
+    source: str = "config"
+    routable: bool = False
+    state: str = "unknown"
+    inflight: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_hit_rate: float = 0.0
+    last_poll: float = 0.0
+    last_error: str | None = None
+    ejections: int = 0
+    poll_failures: int = 0
+
+    @property
+    def replica_id(self) -> str:
+        return self.url
+
+    def view(self, max_inflight: int | None) -> ReplicaView:
+        return ReplicaView(
+            replica_id=self.url,
+            url=self.url,
+            inflight=self.inflight,
+            running=self.running,
+            waiting=self.waiting,
+            kv_usage=self.kv_usage,
+            max_inflight=max_inflight,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "source": self.source,
+            "routable": self.routable,
+            "state": self.state,
+            "inflight": self.inflight,
+            "running": self.running,
+            "waiting": self.waiting,
+            "kv_cache_usage": self.kv_usage,
+            "prefix_cache_hit_rate": self.prefix_hit_rate,
+            "last_error": self.last_error,
+            "ejections": self.ejections,
+        }
+
+
+@dataclass(slots=True)
+class VersionEntry:
+    """One version of a model: weight, replicas, balancer and admission queue."""
+
+    model: str
+    name: str
+    weight: float
+    served_model_name: str | None
+    max_inflight: int
+    balancer: Balancer
+    queue: AdmissionQueue
+    replicas: dict[str, ReplicaInfo] = field(default_factory=dict)
+    #: set whenever a replica turns routable (resume waits on it)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def routable(self) -> list[ReplicaInfo]:
+        return [r for r in self.replicas.values() if r.routable]
+
+    def views(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[ReplicaView]:
+        return [
+            r.view(self.max_inflight)
+            for r in self.replicas.values()
+            if r.routable and r.url not in exclude
+        ]
+
+    def refresh_capacity(self) -> None:
+        self.queue.set_capacity(self.max_inflight * len(self.routable()))
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    config: ModelConfig
+    versions: dict[str, VersionEntry]
+
+
+class UnknownTarget(LookupError):
+    """A model, version or replica the registry does not have."""
+
+
+class Registry:
+    """Models → versions → replicas, kept current by polling ``/state``."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        *,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._client = client
+        self._own_client = client is None
+        self._task: asyncio.Task[None] | None = None
+        self.models: dict[str, ModelEntry] = {}
+        self.config = config
+        self.apply_config(config)
+
+    # ---- configuration ------------------------------------------------------------------
+    def apply_config(self, config: FleetConfig) -> None:
+        """Take a new fleet file: add and remove models and versions, set weights,
+        replace the file's replicas (replicas added through the API stay). Requests
+        in flight keep their replica and version objects, so nothing is dropped."""
+        self.config = config
+        wanted = {m.name for m in config.models}
+        for name in list(self.models):
+            if name not in wanted:
+                del self.models[name]
+        for mcfg in config.models:
+            entry = self.models.get(mcfg.name)
+            versions = entry.versions if entry else {}
+            new_versions: dict[str, VersionEntry] = {}
+            for vcfg in mcfg.versions:
+                new_versions[vcfg.name] = self._version(mcfg, vcfg, versions.get(vcfg.name))
+            self.models[mcfg.name] = ModelEntry(config=mcfg, versions=new_versions)
+
+    def _version(
+        self, mcfg: ModelConfig, vcfg: VersionConfig, old: VersionEntry | None
+    ) -> VersionEntry:
+        q = mcfg.queue
+        prev = self.models[mcfg.name].config if old is not None else None
+        entry = VersionEntry(
+            model=mcfg.name,
+            name=vcfg.name,
+            weight=vcfg.weight,
+            served_model_name=vcfg.served_model_name,
+            max_inflight=q.max_inflight_per_replica,
+            balancer=(
+                old.balancer
+                if old is not None and prev is not None and prev.balancing == mcfg.balancing
+                else make_balancer(mcfg.balancing.policy, **mcfg.balancing.params)
+            ),
+            # requests waiting in the old queue keep waiting there only if it stays
+            queue=(
+                old.queue
+                if old is not None and prev is not None and prev.queue == q
+                else AdmissionQueue(q.max_queue, q.max_wait_s, self._clock)
+            ),
+        )
+        if old is not None:
+            entry.replicas = old.replicas
+            entry.changed = old.changed
+        # the file's replicas are replaced; dynamic ones stay
+        for url, info in list(entry.replicas.items()):
+            if info.source == "config" and url not in vcfg.replicas:
+                self._drop(entry, url)
+        for url in vcfg.replicas:
+            entry.replicas.setdefault(url, ReplicaInfo(url, mcfg.name, vcfg.name))
+        entry.refresh_capacity()
+        return entry
+
+    # ---- lookups ------------------------------------------------------------------------
+    def model(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownTarget(f"model {name!r}") from None
+
+    def version(self, model: str, version: str) -> VersionEntry:
+        try:
+            return self.model(model).versions[version]
+        except KeyError:
+            raise UnknownTarget(f"version {version!r} of model {model!r}") from None
+
+    def all_versions(self) -> list[VersionEntry]:
+        return [v for m in self.models.values() for v in m.versions.values()]
+
+    # ---- run-time changes ---------------------------------------------------------------
+    def add_replica(self, model: str, version: str, url: str) -> ReplicaInfo:
+        """Register a replica (not routable until a poll finds it READY)."""
+        entry = self.version(model, version)
+        url = url.rstrip("/")
+        info = entry.replicas.get(url)
+        if info is None:
+            info = entry.replicas[url] = ReplicaInfo(url, model, version, source="dynamic")
+        return info
+
+    def remove_replica(self, model: str, version: str, url: str) -> None:
+        entry = self.version(model, version)
+        url = url.rstrip("/")
+        if url not in entry.replicas:
+            raise UnknownTarget(f"replica {url} of {model}/{version}")
+        self._drop(entry, url)
+        entry.refresh_capacity()
+
+    def _drop(self, entry: VersionEntry, url: str) -> None:
+        entry.replicas.pop(url, None)
+        entry.balancer.forget(url)
+
+    def set_weight(self, model: str, version: str, weight: float) -> None:
+        if weight < 0:
+            raise ValueError("weight must be ≥ 0")
+        self.version(model, version).weight = weight
+
+    def eject(self, replica: ReplicaInfo, reason: str) -> None:
+        """Stop routing to ``replica`` now; the next READY poll re-admits it."""
+        if replica.routable:
+            replica.ejections += 1
+            logger.warning(
+                "ejecting replica %s (%s/%s): %s", replica.url, replica.model, replica.version,
+                reason,
+            )  # fmt: skip
+        replica.routable = False
+        replica.last_error = reason
+        entry = self._entry_of(replica)
+        if entry is not None:
+            entry.refresh_capacity()
+
+    def _entry_of(self, replica: ReplicaInfo) -> VersionEntry | None:
+        m = self.models.get(replica.model)
+        return m.versions.get(replica.version) if m else None
+
+    # ---- polling ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._client is None:
+            timeout = self.config.gateway.timeouts
+            from lmfleet.gateway.state import upstream_client
+
+            self._client = upstream_client(httpx.Timeout(2.0, connect=timeout.connect_s), 256)
+        await self.poll_once()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="gateway-poll")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gateway.poll_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # a bug here must not stop polling for good
+                logger.exception("polling replicas failed")
+
+    async def poll_once(self) -> None:
+        replicas = [r for v in self.all_versions() for r in v.replicas.values()]
+        if replicas:
+            await asyncio.gather(*(self._poll(r) for r in replicas))
+        for entry in self.all_versions():
+            entry.refresh_capacity()
+
+    async def _poll(self, replica: ReplicaInfo) -> None:
+        if self._client is None:
+            raise RuntimeError("Registry.start() was not called")
+        try:
+            resp = await self._client.get(replica.url + "/state")
+            data = resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as exc:
+            replica.poll_failures += 1
+            # refused: gone now; a timeout may be a busy replica: eject after a few
+            if isinstance(exc, httpx.ConnectError) or replica.poll_failures >= _POLL_FAILURES:
+                self._set_unroutable(replica, "unreachable", f"/state: {type(exc).__name__}")
+            return
+        replica.poll_failures = 0
+        replica.last_poll = self._clock()
+        if not isinstance(data, dict):
+            self._set_unroutable(replica, "unknown", f"/state answered {resp.status_code}")
+            return
+        replica.running = int(data.get("running") or 0)
+        replica.waiting = int(data.get("waiting") or 0)
+        replica.kv_usage = float(data.get("kv_cache_usage") or 0.0)
+        replica.prefix_hit_rate = float(data.get("prefix_cache_hit_rate") or 0.0)
+        state = str(data.get("state", "unknown"))
+        if state == _READY and data.get("ready", True):
+            if not replica.routable:
+                logger.info("replica %s (%s/%s) is ready", replica.url, replica.model,
+                            replica.version)  # fmt: skip
+            replica.state = state
+            replica.routable = True
+            replica.last_error = None
+            entry = self._entry_of(replica)
+            if entry is not None:
+                entry.refresh_capacity()
+                entry.changed.set()
+                entry.changed = asyncio.Event()
+        else:
+            self._set_unroutable(replica, state, f"state {state}")
+
+    def _set_unroutable(self, replica: ReplicaInfo, state: str, reason: str) -> None:
+        replica.state = state
+        if replica.routable:
+            self.eject(replica, reason)
+        else:
+            replica.last_error = reason
+
+    async def wait_routable(self, model: str, version: str, timeout_s: float) -> bool:
+        """Wait until the version has a routable replica; False after ``timeout_s``."""
+        entry = self.version(model, version)
+        deadline = self._clock() + timeout_s
+        while not entry.routable():
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry.changed.wait(), left)
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            m: {
+                v.name: {
+                    "weight": v.weight,
+                    "queue_depth": v.queue.depth,
+                    "inflight": v.queue.inflight,
+                    "replicas": [r.snapshot() for r in v.replicas.values()],
+                }
+                for v in entry.versions.values()
+            }
+            for m, entry in self.models.items()
+        }

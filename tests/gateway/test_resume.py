@@ -1,0 +1,184 @@
+"""Stream resume against real simulated replicas (separate processes): the replica
+serving a stream is SIGKILLed mid-way and the client's text must equal an
+undisturbed run token for token (greedy and seeded, completions and chat). The
+official ``openai`` client works through the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway.fakes import gateway_thread, wait_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "sim:gwtest"
+# fast steps (about 4 ms per token) and an instant "load"
+PROFILE = {"gwtest": {"base": "llama-8b-h100", "load_s": 0.05, "fixed_s": 0.004}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SimReplica:
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"replica-{self.port}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmfleet.cli", "serve", MODEL, "--port", str(self.port),
+             "--host", "127.0.0.1", "--disable-uvicorn-access-log"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"replica exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("replica did not become ready")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SimReplica]]:
+    tmp = tmp_path_factory.mktemp("sim")
+    profiles = tmp / "profiles.json"
+    profiles.write_text(json.dumps(PROFILE))
+    env = {**os.environ, "LMFLEET_SIM_PROFILES": str(profiles)}
+    reps = [SimReplica(tmp, env) for _ in range(3)]
+    try:
+        for r in reps:
+            r.wait_ready()
+        yield reps
+    finally:
+        for r in reps:
+            r.close()
+
+
+def _fleet(urls: list[str]) -> dict:
+    return {
+        "gateway": {"poll_interval_s": 0.1, "timeouts": {"idle_s": 5}},
+        "models": [{"name": "m", "balancing": {"policy": "least_outstanding"},
+                    "versions": [{"name": "v1", "served_model_name": MODEL, "replicas": urls}]}],
+    }  # fmt: skip
+
+
+def _stream(client: httpx.Client, path: str, body: dict, on_chunk=None) -> tuple[str, list[dict]]:
+    chunks: list[dict] = []
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            chunks.append(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunks))
+    text = "".join(
+        c.get("text") or (c.get("delta") or {}).get("content") or ""
+        for ch in chunks for c in ch["choices"]
+    )  # fmt: skip
+    return text, chunks
+
+
+CASES = {
+    "greedy-completion": ("/v1/completions", {
+        "model": "m", "prompt": "the fleet keeps every stream alive", "max_tokens": 300,
+        "temperature": 0, "stream_options": {"include_usage": True},
+    }),
+    "seeded-chat": ("/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "tell a long story"}],
+        "max_tokens": 300, "temperature": 1.0, "seed": 1234,
+        "stream_options": {"include_usage": True},
+    }),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stream_survives_sigkill_of_its_replica(replicas, case):
+    path, body = CASES[case]
+    alive = [r for r in replicas if r.proc.poll() is None]
+    assert len(alive) >= 2
+    server, app = gateway_thread(_fleet([r.url for r in alive]))
+    reg = app.state.gateway.registry
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        wait_for(lambda: len(reg.version("m", "v1").routable()) == len(alive), 10)
+        reference, ref_chunks = _stream(client, path, body)
+        assert ref_chunks[-1]["usage"]["completion_tokens"] == 300
+
+        killed: list[SimReplica] = []
+
+        def kill_serving(n: int) -> None:
+            if n == 40 and not killed:
+                busy = [r for r in reg.version("m", "v1").replicas.values() if r.inflight]
+                assert len(busy) == 1
+                victim = next(r for r in alive if r.url == busy[0].url)
+                victim.kill()
+                killed.append(victim)
+
+        text, chunks = _stream(client, path, body, kill_serving)
+        assert killed, "the stream ended before the kill"
+        assert text == reference
+        assert len({c["id"] for c in chunks}) == 1
+        assert chunks[-1]["usage"]["completion_tokens"] == 300
+        assert chunks[-1]["usage"]["prompt_tokens"] == ref_chunks[-1]["usage"]["prompt_tokens"]
+        resumed = client.get("/metrics").text
+        assert (
+            'lmfleet_gateway_stream_resumes_total{model="m",outcome="ok",version="v1"} 1.0'
+            in resumed
+        )
+
+
+def test_openai_client_through_gateway(replicas):
+    openai = pytest.importorskip("openai")
+    alive = [r for r in replicas if r.proc.poll() is None]
+    server, app = gateway_thread(_fleet([r.url for r in alive]))
+    reg = app.state.gateway.registry
+    with server:
+        wait_for(lambda: len(reg.version("m", "v1").routable()) == len(alive), 10)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        models = client.models.list()
+        assert [m.id for m in models.data] == ["m"]
+        out = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=1
+        )
+        assert out.usage.completion_tokens == 5 and out.choices[0].message.content
+        raw = client.completions.with_raw_response.create(model="m", prompt="hi", max_tokens=3)
+        assert raw.headers["x-lmfleet-version"] == "v1"
+        pieces = [
+            c.choices[0].text
+            for c in client.completions.create(model="m", prompt="hi", max_tokens=6, stream=True)
+            if c.choices
+        ]
+        assert len(pieces) == 6
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt="hi")
