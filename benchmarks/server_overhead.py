@@ -22,13 +22,17 @@ rounds. ``ttft_added_ms_p50`` = median HTTP TTFT p50 − median in-process TTFT 
 Then ``--many-clients`` (200) streams at once over HTTP: ``errors_200_clients``
 must be 0 (an error: a non-200 status, a broken stream, a wrong token count).
 
-The model is the random ``tiny`` preset (2 layers, ~1M parameters) by default: its
-steps cost little, so what differs between the sides is the server's own cost
-per request and per token (the worst case for the ratio). ``--preset llama-50m``
-gives a model whose steps dominate.
+One run measures each of ``--presets`` (random models, CPU) with its own server.
+The first, ``llama-50m`` (the ~50M model of the engine benchmark, whose steps cost
+what a small real model's do: "the small random model" of the targets), fills the
+top-level keys; every other gets a section named after it, by default ``tiny``
+(2 layers, ~1M parameters: steps cost almost nothing, so what differs between the
+sides is the server's own cost per request and per token, the worst case for the
+ratio). The 200-client round runs on ``--many-clients-preset`` (``tiny``), and its
+``errors_200_clients`` is also copied to the top level.
 
-    .venv/bin/python benchmarks/server_overhead.py            # ~2 min on 2 cores
-    .venv/bin/python benchmarks/server_overhead.py --repeats 1 --many-clients 50
+    .venv/bin/python benchmarks/server_overhead.py            # ~5 min on 2 cores
+    .venv/bin/python benchmarks/server_overhead.py --presets tiny --repeats 1
 """
 
 from __future__ import annotations
@@ -57,6 +61,21 @@ DEFAULT_OUT = ROOT / "results" / "server_overhead.json"
 SERVED_NAME = "bench"
 TARGET_TTFT_ADDED_MS = 5.0
 TARGET_THROUGHPUT_RATIO = 0.9
+PRESETS = ("llama-50m", "tiny")
+NOTES = (
+    "Top-level figures: the first preset of --presets (default llama-50m, the ~50M "
+    "random model of the engine benchmark: 'the small random model', steps cost what a "
+    "small real model's do). Each other preset has a section of the same shape named "
+    "after it; 'tiny' (~1M parameters, a step is almost free) shows the server's own "
+    "cost per token, the worst case for throughput_ratio. errors_200_clients at the top "
+    "level comes from the run of --many-clients-preset. Figures are medians over "
+    "rounds; loadavg_1m_5m_15m is read at the end of each preset's run. "
+    "cpu_us_per_token: CPU time of the serving process per output token (in-process: "
+    "this process, engine + consumers; http: the server process, engine + event loop; "
+    "client_cpu_us_per_token: this process as the HTTP client), far less sensitive to "
+    "other load on the machine than the wall-clock figures; cpu_added_us_per_token = "
+    "http - inproc."
+)
 
 
 def log(msg: str) -> None:
@@ -70,6 +89,8 @@ class Round:
     side: str
     clients: int
     wall_s: float = 0.0
+    cpu_s: float | None = None  # the serving process's CPU time (engine + loop)
+    client_cpu_s: float | None = None  # this process's, when it is only the HTTP client
     ttft_s: list[float] = field(default_factory=list)
     e2e_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
@@ -83,6 +104,8 @@ class Round:
             "ok": len(self.e2e_s),
             "errors": len(self.errors),
             "wall_s": round(self.wall_s, 4),
+            "cpu_us_per_token": _per_token(self.cpu_s, self.output_tokens),
+            "client_cpu_us_per_token": _per_token(self.client_cpu_s, self.output_tokens),
             "output_tokens": self.output_tokens,
             "output_tok_s": round(self.tok_s, 1),
             "ttft_ms_p50": round(1e3 * _pct(ttft, 50), 2),
@@ -94,6 +117,19 @@ class Round:
     @property
     def tok_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def _per_token(cpu_s: float | None, tokens: int) -> float | None:
+    return round(1e6 * cpu_s / tokens, 1) if cpu_s is not None and tokens else None
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), all its threads."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(sorted_xs: list[float], p: float) -> float:
@@ -171,6 +207,10 @@ async def run_http(
                     if data == "[DONE]":
                         done = True
                         break
+                    # token chunks carry "usage":null; only the last has usage, and an
+                    # error chunk starts with {"error" (a text's quotes are escaped)
+                    if '"usage":{' not in data and not data.startswith('{"error"'):
+                        continue
                     chunk = json.loads(data)
                     if "error" in chunk:
                         rnd.errors.append(f"stream error: {chunk['error']}")
@@ -234,21 +274,27 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-async def run(args: argparse.Namespace) -> dict:
+def _median_of(xs) -> float | None:
+    kept = [x for x in xs if x is not None]
+    return round(statistics.median(kept), 1) if kept else None
+
+
+async def run(args: argparse.Namespace, preset: str, many_clients: int) -> dict:
+    """Both sides for one preset: its own server process and in-process engine."""
     from lmfleet.engine.async_engine import AsyncEngine
     from lmfleet.engine.models.presets import ensure_model
     from lmfleet.server.settings import ServerSettings
 
-    model_dir = Path(args.model_dir or Path(tempfile.gettempdir()) / f"lmfleet-{args.preset}")
-    ensure_model(model_dir, args.preset, seed=0)
+    model_dir = Path(args.model_dir or tempfile.gettempdir()) / f"lmfleet-{preset}"
+    ensure_model(model_dir, preset, seed=0)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     settings = ServerSettings(model=str(model_dir), device="cpu", progress=False)
-    log(f"model {args.preset} at {model_dir} (vocab {vocab})")
+    log(f"model {preset} at {model_dir} (vocab {vocab})")
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = serve_command(model_dir, port, shlex.split(args.serve_args))
-    server_log = Path(args.server_log or Path(tempfile.gettempdir()) / f"lmfleet-serve-{port}.log")
+    server_log = Path(args.server_log or tempfile.gettempdir()) / f"lmfleet-serve-{port}.log"
     with open(server_log, "wb") as out:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     log(f"started: {shlex.join(cmd)} (pid {proc.pid}, log {server_log})")
@@ -270,23 +316,30 @@ async def run(args: argparse.Namespace) -> dict:
                 prompts = make_prompts(args.clients, args.prompt_len, vocab, seed=r)
                 order = ("inproc", "http") if r % 2 == 0 else ("http", "inproc")
                 for side in order:
+                    own, server = time.process_time(), _process_cpu_s(proc.pid)
                     if side == "inproc":
                         rnd = await run_inproc(engine, prompts, args.max_tokens)
+                        rnd.cpu_s = time.process_time() - own
                     else:
                         rnd = await run_http(client, url, prompts, args.max_tokens)
+                        after = _process_cpu_s(proc.pid)
+                        if server is not None and after is not None:
+                            rnd.cpu_s = after - server
+                        rnd.client_cpu_s = time.process_time() - own
                     rounds.append(rnd)
                     s = rnd.summary()
                     log(
-                        f"round {r + 1}/{args.repeats} {side:6s}: TTFT p50 {s['ttft_ms_p50']} ms "
+                        f"{preset} round {r + 1}/{args.repeats} {side:6s}: "
+                        f"TTFT p50 {s['ttft_ms_p50']} ms "
                         f"p90 {s['ttft_ms_p90']} ms, {s['output_tok_s']} tok/s, "
-                        f"{s['errors']} errors"
+                        f"{s['cpu_us_per_token']} CPU us/token, {s['errors']} errors"
                     )
 
             many: dict[str, Round] = {}
-            if args.many_clients:
-                prompts = make_prompts(args.many_clients, args.prompt_len, vocab, seed=20_000)
+            if many_clients:
+                prompts = make_prompts(many_clients, args.prompt_len, vocab, seed=20_000)
                 for side in ("inproc", "http"):
-                    log(f"{args.many_clients} concurrent streams, {side}")
+                    log(f"{preset}: {many_clients} concurrent streams, {side}")
                     if side == "inproc":
                         many[side] = await run_inproc(engine, prompts, args.max_tokens)
                     else:
@@ -304,10 +357,10 @@ async def run(args: argparse.Namespace) -> dict:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return _report(args, cmd, settings, rounds, many, server_state)
+    return _report(args, preset, cmd, settings, rounds, many, server_state)
 
 
-def _report(args, cmd, settings, rounds, many, server_state) -> dict:
+def _report(args, preset, cmd, settings, rounds, many, server_state) -> dict:
     def side_stats(side: str) -> dict[str, float]:
         rs = [r for r in rounds if r.side == side]
         return {
@@ -315,19 +368,20 @@ def _report(args, cmd, settings, rounds, many, server_state) -> dict:
             "ttft_ms_p90": round(_median([1e3 * _pct(sorted(r.ttft_s), 90) for r in rs]), 2),
             "output_tok_s": round(_median([r.tok_s for r in rs]), 1),
             "e2e_s_p50": round(_median([_pct(sorted(r.e2e_s), 50) for r in rs]), 4),
+            "cpu_us_per_token": _median_of(r.summary()["cpu_us_per_token"] for r in rs),
             "errors": sum(len(r.errors) for r in rs),
         }
 
     inproc, http = side_stats("inproc"), side_stats("http")
+    http["client_cpu_us_per_token"] = _median_of(
+        r.summary()["client_cpu_us_per_token"] for r in rounds if r.side == "http"
+    )
     added = round(http["ttft_ms_p50"] - inproc["ttft_ms_p50"], 2)
     ratio = round(http["output_tok_s"] / inproc["output_tok_s"], 3) if inproc["output_tok_s"] else 0
     result = {
-        "benchmark": "server_overhead",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
         "machine": _machine(),
         "workload": {
-            "preset": args.preset,
+            "preset": preset,
             "clients": args.clients,
             "prompt_len": args.prompt_len,
             "max_tokens": args.max_tokens,
@@ -343,7 +397,13 @@ def _report(args, cmd, settings, rounds, many, server_state) -> dict:
         },
         "ttft_added_ms_p50": added,
         "throughput_ratio": ratio,
+        "cpu_added_us_per_token": (
+            round(http["cpu_us_per_token"] - inproc["cpu_us_per_token"], 1)
+            if http["cpu_us_per_token"] is not None and inproc["cpu_us_per_token"] is not None
+            else None
+        ),
         "errors_200_clients": len(many["http"].errors) if "http" in many else None,
+        "clients_per_round": args.clients,
         "targets": {
             "ttft_added_ms_p50": f"<= {TARGET_TTFT_ADDED_MS}",
             "throughput_ratio": f">= {TARGET_THROUGHPUT_RATIO}",
@@ -352,7 +412,7 @@ def _report(args, cmd, settings, rounds, many, server_state) -> dict:
         "met": {
             "ttft_added_ms_p50": added <= TARGET_TTFT_ADDED_MS,
             "throughput_ratio": ratio >= TARGET_THROUGHPUT_RATIO,
-            "errors_200_clients": bool(many) and not many["http"].errors,
+            "errors_200_clients": (not many["http"].errors) if "http" in many else None,
         },
         "inproc": inproc,
         "http": http,
@@ -386,13 +446,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--preset",
-        default="tiny",
-        choices=["tiny", "llama-50m"],
-        help="random model preset to create and serve",
+        "--presets",
+        default="llama-50m,tiny",
+        help="comma-separated random model presets (tiny, llama-50m), each measured with "
+        "its own server; the first fills the top-level keys, the others a section each",
     )
     p.add_argument(
-        "--model-dir", help="where the preset is created (default: a folder in the temp dir)"
+        "--model-dir",
+        help="folder where each preset is created as lmfleet-PRESET (default: the temp dir)",
     )
     p.add_argument("--clients", type=int, default=32, help="concurrent streams per round")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
@@ -405,12 +466,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="concurrent streams of the final round (0: skip it)",
     )
     p.add_argument(
+        "--many-clients-preset",
+        default="tiny",
+        help="the preset whose run ends with the --many-clients round",
+    )
+    p.add_argument(
         "--serve-args",
         default="",
         help="extra flags for `lmfleet serve`, one string (e.g. '--max-num-seqs 64')",
     )
     p.add_argument(
-        "--server-log", help="the server's output goes here (default: a file in the temp dir)"
+        "--server-log",
+        help="folder for the servers' output, lmfleet-serve-PORT.log (default: the temp dir)",
     )
     p.add_argument(
         "--note",
@@ -419,6 +486,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     args = p.parse_args(argv)
+    args.presets = [x.strip() for x in args.presets.split(",") if x.strip()]
+    for preset in args.presets:
+        if preset not in PRESETS:
+            p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if not args.presets:
+        p.error("--presets must name at least one preset")
     for name in ("clients", "prompt_len", "max_tokens", "repeats"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -427,16 +500,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = asyncio.run(run(args))
+    runs: dict[str, dict] = {}
+    for preset in args.presets:
+        many = args.many_clients if preset == args.many_clients_preset else 0
+        runs[preset] = asyncio.run(run(args, preset, many))
+        r = runs[preset]
+        log(
+            f"{preset}: TTFT added p50 {r['ttft_added_ms_p50']} ms "
+            f"(target <= {TARGET_TTFT_ADDED_MS}), throughput ratio {r['throughput_ratio']} "
+            f"(target >= {TARGET_THROUGHPUT_RATIO}), errors with {args.many_clients} "
+            f"clients: {r['errors_200_clients']}"
+        )
+    headline = runs[args.presets[0]]
+    result = {
+        "benchmark": "server_overhead",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "notes": NOTES,
+        **headline,
+    }
+    many_run = runs.get(args.many_clients_preset)
+    if many_run is not None and many_run["errors_200_clients"] is not None:
+        result["errors_200_clients"] = many_run["errors_200_clients"]
+        result["met"] = {
+            **result["met"],
+            "errors_200_clients": many_run["met"]["errors_200_clients"],
+        }
+    for preset in args.presets[1:]:
+        result[preset] = runs[preset]
     if args.note:
         result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    log(
-        f"TTFT added p50 {result['ttft_added_ms_p50']} ms (target <= {TARGET_TTFT_ADDED_MS}), "
-        f"throughput ratio {result['throughput_ratio']} (target >= {TARGET_THROUGHPUT_RATIO}), "
-        f"errors with {args.many_clients} clients: {result['errors_200_clients']}"
-    )
     log(f"wrote {args.out}")
     return 0
 

@@ -3,10 +3,12 @@
 :class:`Generation` fans a request out into one engine request per choice (distinct
 request ids, seeds ``seed + i``), merges their delta outputs into one stream of
 ``(choice, output)`` events, keeps each choice's text, tokens and logprobs, and
-reports finished requests to the metrics. :meth:`Generation.close` is synchronous
-and idempotent: it cancels the per-choice tasks (which aborts their engine requests
-and frees their KV blocks) and releases the admission ticket, so it can run from
-any ``finally`` — also one inside a cancelled scope, where nothing may be awaited.
+reports finished requests to the metrics. A single choice (the common case) reads
+the engine's stream directly, in the consumer's task; several are pumped by one
+task each into a shared queue. :meth:`Generation.close` is synchronous and
+idempotent: it aborts the unfinished engine requests (freeing their KV blocks at
+the engine's next step) and releases the admission ticket, so it can run from any
+``finally`` — also one inside a cancelled scope, where nothing may be awaited.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -49,6 +51,7 @@ class Choice:
     num_cached_tokens: int = 0
     last: RequestOutput | None = None
     last_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # observed when the choice ends
 
     @property
     def index(self) -> int:
@@ -80,10 +83,18 @@ class Generation:
         self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
         self._pending = len(jobs)
         self._closed = False
-        self._tasks = [
-            asyncio.get_running_loop().create_task(self._pump(i, job, priority))
-            for i, job in enumerate(jobs)
-        ]
+        self._single: AsyncGenerator[RequestOutput, None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        if len(jobs) == 1:  # no task, no queue hop: the consumer iterates the engine
+            job = jobs[0]
+            self._single = engine.generate(
+                job.prompt_ids, job.params, request_id=job.request_id, priority=priority
+            )
+        else:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._pump(i, job, priority)) for i, job in enumerate(jobs)
+            ]
 
     async def _pump(self, slot: int, job: Job, priority: int) -> None:
         gen = self._engine.generate(
@@ -99,6 +110,13 @@ class Generation:
     async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Each delta output with its choice (already updated), until all finish.
         Raises the first error of any choice."""
+        if self._single is not None:
+            choice = self.choices[0]
+            async with aclosing(self._single) as outputs:
+                async for out in outputs:
+                    self._absorb(choice, out)
+                    yield choice, out
+            return
         while self._pending:
             slot, item = await self._queue.get()
             if isinstance(item, Exception):
@@ -115,7 +133,7 @@ class Generation:
         if out.token_ids:
             now = time.monotonic()
             if choice.last_token_at is not None:
-                self._metrics.observe_token_gap(now - choice.last_token_at)
+                choice.token_gaps.append(now - choice.last_token_at)
             choice.last_token_at = now
         choice.text.append(out.text)
         choice.token_ids.extend(out.token_ids)
@@ -128,6 +146,12 @@ class Generation:
             choice.stop_reason = out.stop_reason
             self._pending -= 1
             self._metrics.record_finished(out, len(choice.job.prompt_ids), len(choice.token_ids))
+            self._flush_gaps(choice)
+
+    def _flush_gaps(self, choice: Choice) -> None:
+        if choice.token_gaps:
+            self._metrics.observe_token_gaps(choice.token_gaps)
+            choice.token_gaps = []
 
     def close(self) -> None:
         """Abort what is unfinished and release the admission ticket (idempotent)."""
@@ -135,16 +159,26 @@ class Generation:
             return
         self._closed = True
         for task in self._tasks:
-            task.cancel()
+            task.cancel()  # aborts the engine request in the generator's finally
         for choice in self.choices:
-            if not choice.done and choice.last is not None:
+            if choice.done:
+                continue
+            if self._single is not None:  # its generator may never resume: abort here
+                self._engine.abort(choice.job.request_id)
+            if choice.last is not None:
                 aborted = dataclasses.replace(
                     choice.last, finished=True, finish_reason=FinishReason.ABORT
                 )
                 self._metrics.record_finished(
                     aborted, len(choice.job.prompt_ids), len(choice.token_ids)
                 )
+            self._flush_gaps(choice)
         self._ticket.release()
+
+    @property
+    def done(self) -> bool:
+        """Every choice has finished."""
+        return self._pending == 0
 
     # ---- totals -------------------------------------------------------------------------
     def prompt_tokens(self) -> int:
@@ -187,3 +221,71 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def ready_batches(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+    """The items of ``source`` in batches: one that had to be waited for, then every
+    item after it that was ready without waiting. A consumer that fell behind its
+    producer (several token deltas queued) so writes them in one go.
+
+    Readiness is read off the coroutine protocol: ``source``'s next step is run
+    until it either returns (ready) or would wait on a future; in the latter case
+    the batch so far is yielded first and the step resumed afterwards. If this
+    generator is closed while a step is pending, the step gets ``GeneratorExit``
+    (``source``'s ``finally`` blocks run, e.g. the engine request is aborted)."""
+    batch: list[T] = []
+    while True:
+        step = source.__anext__().__await__()
+        try:
+            waiting = step.send(None)  # run the step until it returns or would wait
+        except StopIteration as ready:
+            batch.append(ready.value)
+            continue
+        except StopAsyncIteration:
+            if batch:
+                yield batch
+            return
+        if batch:
+            try:
+                yield batch
+            except BaseException:
+                _abandon(step)
+                raise
+            batch = []
+        try:
+            item = await _Resume(step, waiting)
+        except StopAsyncIteration:
+            return
+        batch.append(item)
+
+
+def _abandon(step: Generator[Any, Any, Any]) -> None:
+    with suppress(GeneratorExit, StopIteration, StopAsyncIteration):
+        step.throw(GeneratorExit)
+
+
+class _Resume:
+    """Awaits the rest of a step begun outside a task: first the future it waits
+    on, then whatever the step does next (a cancellation is passed into it)."""
+
+    __slots__ = ("_step", "_waiting")
+
+    def __init__(self, step: Generator[Any, Any, Any], waiting: Any) -> None:
+        self._step = step
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        step, waiting = self._step, self._waiting
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:
+                try:
+                    waiting = step.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    waiting = step.send(sent)
+                except StopIteration as done:
+                    return done.value

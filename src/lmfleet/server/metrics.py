@@ -14,9 +14,12 @@ tests and multi-model processes can build as many as they like.
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -347,6 +350,26 @@ class ReplicaMetrics:
     def observe_token_gap(self, seconds: float) -> None:
         if seconds >= 0:
             self._itl.observe(seconds)
+
+    def observe_token_gaps(self, gaps: Sequence[float]) -> None:
+        """Observe a request's gaps at once (the server calls this when it ends):
+        the same series as one ``observe_token_gap`` per gap, with one locked
+        increment per bucket touched instead of two per gap."""
+        kept = [g for g in gaps if g >= 0]
+        if not kept:
+            return
+        h = self._itl
+        bounds = getattr(h, "_upper_bounds", None)
+        buckets = getattr(h, "_buckets", None)
+        total = getattr(h, "_sum", None)
+        if bounds is None or buckets is None or total is None:  # another client version
+            for g in kept:
+                h.observe(g)
+            return
+        # Histogram.observe counts `amount` in the first bucket with amount <= bound
+        for index, count in Tally(bisect.bisect_left(bounds, g) for g in kept).items():
+            buckets[index].inc(count)
+        total.inc(math.fsum(kept))
 
     @staticmethod
     def _observe(histogram: Histogram, value: float | None) -> None:

@@ -9,16 +9,18 @@ choices or stream them as server-sent events ending in ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -31,6 +33,7 @@ from lmfleet.server.generation import (
     ClientDisconnected,
     Generation,
     Job,
+    ready_batches,
     unless_disconnected,
 )
 from lmfleet.server.protocol import (
@@ -306,22 +309,47 @@ class _Gone(ApiError):
 
 
 # ---- streaming ------------------------------------------------------------------------------
-class _SSEResponse(StreamingResponse):
-    """A streaming response that runs ``on_close`` however the stream ends (complete,
-    client gone, server shutting down), synchronously."""
+class _SSEResponse(Response):
+    """Server-sent events from ``chunks``, as lean as ASGI allows: no task group and
+    one ``send`` per batch of chunks. A watcher task cancels the stream when the
+    client disconnects (uvicorn drops writes to a closed connection silently, so
+    nothing else would stop it). ``on_close`` runs synchronously however the stream
+    ends (complete, client gone, server shutting down)."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], rid: str):
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": rid},
-        )
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None], rid: str):
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Request-Id": rid})
+        self._chunks = chunks
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if task is not None and not gone:
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for text in self._chunks:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            gone = True  # complete: the disconnect that follows is not the client leaving
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone or task is None or task.uncancel() > 0:
+                raise
+            logger.info("client disconnected; request aborted")
         finally:
+            watcher.cancel()
             self._on_close()
 
 
@@ -360,33 +388,59 @@ async def _stream(
     options = body_req.stream_options
     continuous = bool(options and options.continuous_usage_stats)
 
-    def emit(chunk: ChatCompletionChunk | CompletionResponse) -> str:
-        if continuous:  # vLLM's extra: usage so far on every chunk
-            chunk.usage = _usage(gen)
+    def emit(choice: Choice, out: RequestOutput) -> str | None:
+        if not continuous:
+            return fmt.sse(choice, out)
+        chunk = fmt.chunk(choice, out)
+        if chunk is None:
+            return None
+        chunk.usage = _usage(gen)  # vLLM's extra: usage so far on every chunk
         return _sse(chunk)
 
+    def closing() -> str:
+        usage = _sse(fmt.usage_chunk()) if body_req.include_usage else ""
+        return f"{usage}data: [DONE]\n\n"
+
     async def body() -> AsyncIterator[str]:
+        # one write per batch of ready deltas; the last one carries usage and [DONE]
         try:
-            for chunk in fmt.opening():
-                yield emit(chunk)
-            chunk = fmt.chunk(*first)
-            if chunk is not None:
-                yield emit(chunk)
-            async for choice, out in events:
-                chunk = fmt.chunk(choice, out)
-                if chunk is not None:
-                    yield emit(chunk)
-            if body_req.include_usage:
-                yield _sse(fmt.usage_chunk())
+            head = "".join([*(_sse(c) for c in fmt.opening()), emit(*first) or ""])
+            if gen.done:
+                yield head + closing()
+                return
+            if head:
+                yield head
+            async for batch in ready_batches(events):
+                text = "".join([t for t in (emit(c, o) for c, o in batch) if t is not None])
+                if gen.done:
+                    text += closing()
+                if text:
+                    yield text
+            if not gen.done:  # not expected: the engine ends a stream with a finished output
+                yield "data: [DONE]\n\n"
         except LmfleetError as exc:  # mid-stream: the status line is already sent
             logger.warning("stream %s failed: %s", fmt.rid, exc)
-            yield _sse(from_lmfleet(exc).body())
-        yield "data: [DONE]\n\n"
+            yield _sse(from_lmfleet(exc).body()) + "data: [DONE]\n\n"
 
     return _SSEResponse(body(), gen.close, echo_id)
 
 
 # ---- formatting -------------------------------------------------------------------------------
+def _chunk_head(rid: str, obj: str, created: int, model: str) -> str:
+    """``data: {"id":...,"choices":[{"index":`` — the fixed start of a request's
+    one-choice stream chunks, in the field order of the pydantic chunk models."""
+    fields = _dumps({"id": rid, "object": obj, "created": created, "model": model})
+    return f'data: {fields[:-1]},"choices":[{{"index":'
+
+
+def _finish(out: RequestOutput) -> str:
+    """``"finish_reason":...,"stop_reason":...`` of a delta (null until the last)."""
+    if not out.finished:
+        return '"finish_reason":null,"stop_reason":null'
+    reason, stop = json.dumps(str(out.finish_reason)), json.dumps(out.stop_reason)
+    return f'"finish_reason":{reason},"stop_reason":{stop}'
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else _MIN_LOGPROB
 
@@ -405,6 +459,22 @@ def _usage(gen: Generation) -> Usage:
 class _ChatFormat:
     def __init__(self, rid: str, model: str, tok: Tokenizer, gen: Generation) -> None:
         self.rid, self.model, self.tok, self.gen = rid, model, tok, gen
+        self.created = int(time.time())
+        self._head = _chunk_head(rid, "chat.completion.chunk", self.created, model)
+
+    def sse(self, choice: Choice, out: RequestOutput) -> str | None:
+        """The event of one delta: :meth:`chunk` serialized, from a template unless
+        it carries logprobs."""
+        if out.logprobs:
+            chunk = self.chunk(choice, out)
+            return None if chunk is None else _sse(chunk)
+        if not out.text and not out.finished:
+            return None
+        delta = f'{{"content":{json.dumps(out.text)}}}' if out.text else "{}"
+        return (
+            f'{self._head}{choice.index},"delta":{delta},"logprobs":null,{_finish(out)}'
+            '}],"usage":null,"system_fingerprint":null}\n\n'
+        )
 
     def _logprobs(self, items: Sequence[TokenLogprobs] | None) -> ChoiceLogprobs | None:
         if items is None:
@@ -446,6 +516,7 @@ class _ChatFormat:
         return [
             ChatCompletionChunk(
                 id=self.rid,
+                created=self.created,
                 model=self.model,
                 choices=[ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))],
             )
@@ -457,6 +528,7 @@ class _ChatFormat:
             return None
         return ChatCompletionChunk(
             id=self.rid,
+            created=self.created,
             model=self.model,
             choices=[
                 ChatChunkChoice(
@@ -471,7 +543,7 @@ class _ChatFormat:
 
     def usage_chunk(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=self.rid, model=self.model, choices=[], usage=_usage(self.gen)
+            id=self.rid, created=self.created, model=self.model, choices=[], usage=_usage(self.gen)
         )
 
 
@@ -481,6 +553,21 @@ class _CompletionFormat:
     ) -> None:
         self.rid, self.model, self.tok, self.gen, self.echo = rid, model, tok, gen, echo
         self._offsets: dict[int, int] = {}  # choice index -> text offset of the next token
+        self.created = int(time.time())
+        self._head = _chunk_head(rid, "text_completion", self.created, model)
+
+    def sse(self, choice: Choice, out: RequestOutput) -> str | None:
+        """The event of one delta: :meth:`chunk` serialized, from a template unless
+        it carries logprobs."""
+        if out.logprobs:
+            chunk = self.chunk(choice, out)
+            return None if chunk is None else _sse(chunk)
+        if not out.text and not out.finished:
+            return None
+        return (
+            f'{self._head}{choice.index},"text":{json.dumps(out.text)},"logprobs":null,'
+            f'{_finish(out)}}}],"usage":null,"system_fingerprint":null}}\n\n'
+        )
 
     def _prefix(self, choice: Choice) -> str:
         return self.echo[choice.job.prompt_index] if self.echo is not None else ""
@@ -527,6 +614,7 @@ class _CompletionFormat:
         return [
             CompletionResponse(
                 id=self.rid,
+                created=self.created,
                 model=self.model,
                 choices=[CompletionChoice(index=c.index, text=self._prefix(c))],
             )
@@ -538,6 +626,7 @@ class _CompletionFormat:
             return None
         return CompletionResponse(
             id=self.rid,
+            created=self.created,
             model=self.model,
             choices=[
                 CompletionChoice(
@@ -551,4 +640,6 @@ class _CompletionFormat:
         )
 
     def usage_chunk(self) -> CompletionResponse:
-        return CompletionResponse(id=self.rid, model=self.model, choices=[], usage=_usage(self.gen))
+        return CompletionResponse(
+            id=self.rid, created=self.created, model=self.model, choices=[], usage=_usage(self.gen)
+        )

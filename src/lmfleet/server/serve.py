@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -222,6 +223,12 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self.replica.start_drain)
 
 
+def _fastest(native: str, fallback: str) -> str:
+    """``native`` (uvloop, httptools: C implementations, several times cheaper per
+    streamed token than the pure-Python defaults) when it is installed."""
+    return native if importlib.util.find_spec(native) is not None else fallback
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from lmfleet.server.app import build_app
 
@@ -243,6 +250,8 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        loop=_fastest("uvloop", "asyncio"),
+        http=_fastest("httptools", "h11"),
     )
     server = DrainingServer(config, replica)
 
@@ -250,7 +259,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     replica.on_stopped = stopped
-    asyncio.run(server.serve())
+    server.run()  # asyncio.run(server.serve()) on the configured loop
     if replica.error is not None:
         print(f"lmfleet serve: {replica.error}", file=sys.stderr)
     return replica.exit_code
