@@ -1,0 +1,674 @@
+"""The GPU benchmark and correctness run, sized to fit one short device lease.
+
+Runs on a CUDA machine with only torch, triton, transformers, safetensors,
+tokenizers, numpy, jinja2 and tqdm installed (``PYTHONPATH=src``; nothing is
+pip-installed). Every phase is time-boxed; a phase that fails is recorded in the JSON
+(``phases.<name>.error``) and the next one runs. The JSON is rewritten after every
+phase, so a run killed at its limit still leaves what it measured.
+
+Phases, in order:
+
+1. ``model``: write the random ``qwen3-0.6b`` preset (bf16) to a local directory.
+2. ``logits``: one prefill forward of a few prompts, float32 on CPU (the reference)
+   against bf16 on the GPU through the Triton backend: relative error of the logits.
+3. ``greedy``: greedy tokens of the same prompts, float32 on CPU against float32 on
+   the GPU (Triton backend): where the first mismatch is, per prompt.
+4. ``kernels``: the Triton attention kernels against the torch reference on the
+   GPU (mixed prefill/decode batches over shuffled block tables), and a decode
+   attention timing (GB/s over the K/V bytes read).
+5. ``throughput``: ``--num-requests`` (256) requests, prompt and output lengths
+   uniform in [100, 1024], EOS ignored, greedy, all submitted at once through the
+   engine (bf16, Triton attention) → ``out_tok_s``; KV blocks; peak memory.
+6. ``batch1``: one request, 128-token prompt, 128 outputs → ``batch1_ms_per_token``.
+7. ``fp8``: phase 5's workload with fp8 weights (``quantize_model(model, "fp8")``).
+8. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
+   the first ``--hf-requests`` requests of the same workload under ``no_grad`` →
+   ``hf_out_tok_s``. transformers' reference rate on an H200 is ~744 tok/s, so the
+   full 256 requests would take ~3 minutes: the subset keeps the run short.
+
+A workload phase that reaches its time cap stops submitting steps and reports the
+tokens generated so far over the time taken (``timed_out: true``); rates from a
+capped run cover the prefill-heavy start and are biased low.
+
+    PYTHONPATH=src python3 benchmarks/gpu/gpu_bench.py --out $OUT/gpu.json
+    # on CPU, to check the script itself (tiny model, Triton interpreter):
+    TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python benchmarks/gpu/gpu_bench.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+from lmfleet.engine.layers import triton_attention as ta  # noqa: E402
+from lmfleet.engine.layers.attention import paged_attention  # noqa: E402
+from lmfleet.engine.layers.attention_metadata import AttentionMetadata  # noqa: E402
+from lmfleet.engine.layers.quant import quantize_model  # noqa: E402
+from lmfleet.engine.llm import LLM  # noqa: E402
+from lmfleet.engine.models.presets import create_model  # noqa: E402
+from lmfleet.engine.request import Request, SamplingParams  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+class Run:
+    """The results document and the global deadline."""
+
+    def __init__(self, path: Path, budget_s: float) -> None:
+        self.path = path
+        self.deadline = T0 + budget_s
+        self.doc: dict = {"phases": {}}
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
+
+    def phase(self, name: str, fn: Callable[[float], dict], cap_s: float, min_s: float = 5) -> dict:
+        """Run ``fn(time cap)``; record its result or its error; never raise."""
+        cap = min(cap_s, self.left())
+        rec: dict = {"cap_s": round(cap, 1)}
+        if cap < min_s:
+            rec["skipped"] = f"only {cap:.0f}s of the run's budget left"
+            log(f"{name}: skipped ({rec['skipped']})")
+        else:
+            log(f"{name}: start (cap {cap:.0f}s)")
+            t = time.perf_counter()
+            try:
+                rec.update(fn(cap))
+            except Exception as exc:
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+                rec["traceback"] = traceback.format_exc(limit=8)
+                log(f"{name}: FAILED {rec['error']}")
+            rec["seconds"] = round(time.perf_counter() - t, 2)
+            log(f"{name}: done in {rec['seconds']}s")
+        self.doc["phases"][name] = rec
+        self.save()
+        _free()
+        return rec
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- the attention backend -------------------------------------------------------------
+def route_attention(model, fn: Callable) -> tuple[str, Callable[[], None]]:
+    """Send ``model``'s attention through ``fn``; returns how, and an undo.
+
+    Uses the model's ``set_attention_backend`` hook when it has one; otherwise
+    (until the hook exists) rebinds the decoder module's ``paged_attention``."""
+    setter = getattr(model, "set_attention_backend", None)
+    if setter is not None:
+        setter(fn)
+        return "set_attention_backend", lambda: setter(paged_attention)
+    import lmfleet.engine.models.llama as llama
+
+    saved = llama.paged_attention
+    llama.paged_attention = fn
+
+    def undo() -> None:
+        llama.paged_attention = saved
+
+    return "patched lmfleet.engine.models.llama.paged_attention", undo
+
+
+def make_llm(model_dir: str, device: str, dtype: str, backend: Callable | None, **kw) -> LLM:
+    llm = LLM(model_dir, device=device, dtype=dtype, progress=False, **kw)
+    llm.backend_hook = None  # type: ignore[attr-defined]
+    if backend is not None:
+        how, _ = route_attention(llm.core.runner.model, backend)
+        llm.backend_hook = how  # type: ignore[attr-defined]
+    return llm
+
+
+# ---- workload --------------------------------------------------------------------------
+def workload(n: int, vocab: int, lo: int, hi: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(4, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    out_lens = [rng.randint(lo, hi) for _ in range(n)]
+    return prompts, out_lens
+
+
+def drive(llm: LLM, prompts, out_lens, cap_s: float, tag: str) -> dict:
+    """Submit everything, step the core until done or ``cap_s``; count output tokens."""
+    core = llm.core
+    now = time.monotonic()
+    for i, (p, n) in enumerate(zip(prompts, out_lens, strict=True)):
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        core.add_request(Request(f"{tag}-{i}", p, sp, arrival_time=now))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    end = t + cap_s
+    generated = finished = steps = 0
+    timed_out = False
+    last_log = t
+    while core.has_unfinished():
+        if time.perf_counter() > end:
+            timed_out = True
+            break
+        for out in core.step():
+            generated += len(out.new_token_ids)
+            finished += out.finished
+        steps += 1
+        if time.perf_counter() - last_log > 15:
+            last_log = time.perf_counter()
+            log(f"  {tag}: {generated} tokens, {finished}/{len(prompts)} done, {steps} steps")
+    seconds = time.perf_counter() - t
+    if timed_out:
+        core.abort([f"{tag}-{i}" for i in range(len(prompts))])
+        while core.has_unfinished():
+            core.step()
+    return {
+        "requests": len(prompts),
+        "finished": finished,
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": generated,
+        "requested_output_tokens": sum(out_lens),
+        "steps": steps,
+        "wall_s": round(seconds, 3),
+        "out_tok_s": round(generated / seconds, 1) if seconds > 0 else None,
+        "timed_out": timed_out,
+    }
+
+
+def warm_up(llm: LLM) -> None:
+    """Compile the kernels (decode and prefill variants) outside the timings."""
+    drive(llm, [[5] * 40, [6] * 70, [7] * 3], [6, 6, 6], 300, "warm")
+
+
+# ---- phases --------------------------------------------------------------------------
+def prefill_logits(model, prompts: list[list[int]], dtype: torch.dtype, device: str, fn):
+    """One prefill of ``prompts`` from position 0; float32 logits (T, V) on CPU."""
+    cfg = model.config
+    block = 16
+    lens = [len(p) for p in prompts]
+    blocks_per = [-(-n // block) for n in lens]
+    caches = [
+        torch.zeros(
+            2,
+            sum(blocks_per),
+            block,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        for _ in range(cfg.num_hidden_layers)
+    ]
+    tables = torch.zeros(len(prompts), max(blocks_per), dtype=torch.int32)
+    slots, start = [], 0
+    for i, (n, nb) in enumerate(zip(lens, blocks_per, strict=True)):
+        tables[i, :nb] = torch.arange(start, start + nb, dtype=torch.int32)
+        slots += [start * block + j for j in range(n)]
+        start += nb
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        query_start_loc=torch.tensor(qsl, device=device),
+        query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(lens, device=device),
+        seq_lens_cpu=lens,
+        block_tables=tables.to(device),
+        block_size=block,
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
+    )
+    ids = torch.tensor([t for p in prompts for t in p], device=device)
+    pos = torch.cat([torch.arange(n) for n in lens]).to(device)
+    _, undo = route_attention(model, fn)
+    try:
+        with torch.inference_mode():
+            hidden = model(ids, pos, caches, meta)
+            return model.compute_logits(hidden).float().cpu()
+    finally:
+        undo()
+
+
+def phase_logits(args, model_dir: str, prompts) -> Callable[[float], dict]:
+    def run(cap: float) -> dict:
+        from lmfleet.engine.models.loader import load_model
+
+        cpu = load_model(model_dir, dtype=torch.float32, device="cpu", progress=False).model
+        ref = prefill_logits(cpu, prompts, torch.float32, "cpu", paged_attention)
+        del cpu
+        _free()
+        gpu = load_model(model_dir, dtype=torch.bfloat16, device=args.device, progress=False).model
+        got = prefill_logits(gpu, prompts, torch.bfloat16, args.device, ta.triton_paged_attention)
+        rel = ((got - ref).norm() / ref.norm()).item()
+        top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        return {
+            "tokens": ref.shape[0],
+            "logits_rel_err_bf16_vs_fp32": rel,
+            "top1_agreement": top1,
+            "ok": bool(rel < 5e-2 and torch.isfinite(got).all()),
+        }
+
+    return run
+
+
+def phase_greedy(args, model_dir: str, prompts) -> Callable[[float], dict]:
+    def run(cap: float) -> dict:
+        sp = SamplingParams(max_tokens=args.greedy_tokens, temperature=0.0, ignore_eos=True)
+        cpu = LLM(model_dir, device="cpu", dtype="float32", progress=False)
+        ref = [o.token_ids for o in cpu.generate(prompts, sp)]
+        del cpu
+        _free()
+        gpu = make_llm(
+            model_dir,
+            args.device,
+            "float32",
+            ta.triton_paged_attention,
+            kv_cache_memory_bytes=1 << 30,
+        )
+        got = [o.token_ids for o in gpu.generate(prompts, sp)]
+        first_diff = []
+        for a, b in zip(ref, got, strict=True):
+            d = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+            first_diff.append(d)
+        return {
+            "prompts": len(prompts),
+            "tokens_each": args.greedy_tokens,
+            "identical": all(d is None for d in first_diff),
+            "first_mismatch_index": first_diff,
+            "backend_hook": gpu.backend_hook,  # type: ignore[attr-defined]
+        }
+
+    return run
+
+
+def _twin_check(device: str, dtype: torch.dtype, block_size: int, seed: int) -> float:
+    """Relative error of the Triton kernels against the torch reference over a
+    prefill, a mixed chunk+decode step and a decode step (Qwen3-0.6B's heads)."""
+    n_heads, n_kv, hd, num_blocks = 16, 8, 128, 160
+    gen = torch.Generator().manual_seed(seed)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables: dict[int, list[int]] = {}
+    done: dict[int, int] = {}
+    shape = (2, num_blocks, block_size, n_kv, hd)
+    ref_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    cache = ref_cache.clone()
+    worst = 0.0
+    for entries in (
+        [(0, 300), (1, 17), (2, 1)],
+        [(0, 1), (1, 250), (3, 129), (2, 1)],
+        [(s, 1) for s in range(4)],
+    ):
+        slots, qsl, lens = [], [0], []
+        for s, n in entries:
+            start = done.get(s, 0)
+            end = start + n
+            table = tables.setdefault(s, [])
+            while len(table) * block_size < end:
+                table.append(free.pop())
+            slots += [
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            ]
+            qsl.append(qsl[-1] + n)
+            lens.append(end)
+            done[s] = end
+        width = max(len(tables[s]) for s, _ in entries)
+        bt = torch.zeros(len(entries), width, dtype=torch.int32)
+        for r, (s, _) in enumerate(entries):
+            bt[r, : len(tables[s])] = torch.tensor(tables[s], dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=device),
+            query_start_loc=torch.tensor(qsl, device=device),
+            query_start_loc_cpu=qsl,
+            seq_lens=torch.tensor(lens, device=device),
+            seq_lens_cpu=lens,
+            block_tables=bt.to(device),
+            block_size=block_size,
+            max_query_len=max(n for _, n in entries),
+            max_seq_len=max(lens),
+        )
+        t = qsl[-1]
+        q = torch.randn(t, n_heads, hd, generator=gen).to(device, dtype)
+        k = torch.randn(t, n_kv, hd, generator=gen).to(device, dtype)
+        v = torch.randn(t, n_kv, hd, generator=gen).to(device, dtype)
+        ref = paged_attention(q, k, v, ref_cache, meta, hd**-0.5).double()
+        out = ta.triton_paged_attention(q, k, v, cache, meta, hd**-0.5).double()
+        if not torch.isfinite(out).all():
+            return float("inf")
+        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def _decode_timing(device: str, batch: int, ctx: int) -> dict:
+    """Median time of one decode attention call (Qwen3-0.6B's heads, bf16, blocks
+    shuffled); GB/s over the K/V bytes it must read."""
+    import triton.testing
+
+    n_heads, n_kv, hd, bs = 16, 8, 128, 16
+    nb_seq = -(-ctx // bs)
+    num_blocks = batch * nb_seq
+    cache = torch.randn(2, num_blocks, bs, n_kv, hd, dtype=torch.bfloat16, device=device)
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device),
+        query_start_loc=torch.arange(batch + 1, device=device),
+        query_start_loc_cpu=list(range(batch + 1)),
+        seq_lens=torch.full((batch,), ctx, device=device),
+        seq_lens_cpu=[ctx] * batch,
+        block_tables=perm.view(batch, nb_seq),
+        block_size=bs,
+        max_query_len=1,
+        max_seq_len=ctx,
+    )
+    q = torch.randn(batch, n_heads, hd, dtype=torch.bfloat16, device=device)
+    ms = triton.testing.do_bench(
+        lambda: ta.triton_attention(q, cache, meta, hd**-0.5),
+        warmup=25,
+        rep=200,
+        return_mode="median",
+    )
+    kv_bytes = 2 * batch * ctx * n_kv * hd * 2
+    return {
+        "batch": batch,
+        "ctx": ctx,
+        "ms": round(ms, 4),
+        "kv_GB_per_s": round(kv_bytes / ms / 1e6, 1),
+    }
+
+
+def phase_kernels(args) -> Callable[[float], dict]:
+    def run(cap: float) -> dict:
+        checks = {}
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for bs in (16, 32):
+                name = f"{str(dtype).removeprefix('torch.')}_bs{bs}"
+                checks[name] = _twin_check(args.device, dtype, bs, seed=bs)
+        tol = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+        ok = all(err < tol[name.split("_")[0]] for name, err in checks.items())
+        timings = [
+            _decode_timing(args.device, b, c) for b, c in ((256, 1024), (32, 2048), (1, 1024))
+        ]
+        return {"rel_err": checks, "ok": ok, "decode_attention": timings}
+
+    return run
+
+
+def phase_throughput(
+    args, model_dir: str, prompts, out_lens, quant: str | None
+) -> Callable[[float], dict]:
+    def run(cap: float) -> dict:
+        llm = make_llm(
+            model_dir,
+            args.device,
+            args.dtype,
+            ta.triton_paged_attention,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+        rec: dict = {"backend_hook": llm.backend_hook}  # type: ignore[attr-defined]
+        if quant is not None:
+            rec["quantized_linears"] = quantize_model(llm.core.runner.model, quant)
+            _free()
+        warm_up(llm)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        rec.update(drive(llm, prompts, out_lens, cap - 15, "tp"))
+        stats = llm.core.stats()
+        rec["kv_blocks"] = stats.num_blocks
+        rec["kv_block_size"] = llm.config.cache.block_size
+        rec["num_preemptions"] = stats.num_preemptions
+        if torch.cuda.is_available():
+            rec["peak_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            layout = llm.core.runner.layout
+            rec["kv_cache_GiB"] = round(layout.num_bytes / 2**30, 2) if layout else None
+        if quant is None:
+            rec["batch1"] = _batch1(llm, llm.core.vocab_size)
+        del llm
+        return rec
+
+    return run
+
+
+def _batch1(llm: LLM, vocab: int) -> dict:
+    """One request alone: 128-token prompt, 128 outputs; ms per output token after
+    the first."""
+    core = llm.core
+    rng = random.Random(1)
+    prompt = [rng.randrange(4, vocab) for _ in range(128)]
+    sp = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    core.add_request(Request("b1", prompt, sp, arrival_time=time.monotonic()))
+    times = []
+    while core.has_unfinished():
+        outs = core.step()
+        if outs and outs[0].new_token_ids:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    gaps.sort()
+    return {
+        "tokens": len(times),
+        "batch1_ms_per_token": round(1000 * (times[-1] - times[0]) / (len(times) - 1), 3),
+        "median_ms": round(1000 * gaps[len(gaps) // 2], 3),
+    }
+
+
+def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]:
+    def run(cap: float) -> dict:
+        import transformers
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).to(args.device)
+        model.eval()
+        n = min(args.hf_requests, len(prompts))
+        ps, ls = prompts[:n], out_lens[:n]
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=max(ls), eos_token_id=-1, pad_token_id=0
+        )
+        rec: dict = {"transformers": transformers.__version__, "requests": n}
+
+        def manager_run(model, ps, ls, deadline: float) -> tuple[int, int, bool]:
+            kwargs = {"generation_config": config, "block": True, "timeout": 5}
+            try:
+                from transformers.generation.continuous_batching.utils import WorkloadHints
+
+                kwargs["workload_hints"] = WorkloadHints(
+                    max_prompt_length=max(map(len, ps)),
+                    max_generated_length=max(ls),
+                    num_requests=len(ps),
+                )
+            except ImportError:
+                pass
+            done: dict[str, int] = {}
+            with model.continuous_batching_context_manager(**kwargs) as manager:
+                ids = [
+                    manager.add_request(p, max_new_tokens=k, eos_token_id=-1)
+                    for p, k in zip(ps, ls, strict=True)
+                ]
+                while len(done) < len(ids):
+                    if time.perf_counter() > deadline:
+                        return sum(done.values()), len(done), True
+                    result = manager.get_result(timeout=1)
+                    if result is not None and result.is_finished():
+                        if result.error is not None:
+                            raise RuntimeError(f"transformers request failed: {result.error}")
+                        done[result.request_id] = len(result.generated_tokens)
+                    elif result is None and not manager.is_running():
+                        raise RuntimeError("transformers' continuous batching loop died")
+            return sum(done.values()), len(done), False
+
+        with torch.no_grad():
+            manager_run(model, [[7] * 48, [8] * 40], [8, 8], time.perf_counter() + 120)
+            t = time.perf_counter()
+            got, finished, timed_out = manager_run(model, ps, ls, t + cap - 20)
+            seconds = time.perf_counter() - t
+        rec.update(
+            {
+                "finished": finished,
+                "output_tokens_of_finished": got,
+                "requested_output_tokens": sum(ls),
+                "wall_s": round(seconds, 2),
+                "hf_out_tok_s": round(got / seconds, 1),
+                "timed_out": timed_out,
+                "note": "unfinished requests' tokens are not counted when timed out (biased low)",
+            }
+        )
+        del model
+        return rec
+
+    return run
+
+
+# ---- main --------------------------------------------------------------------------
+def _device_tag(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device).lower()
+        m = re.search(r"(h100|h200|a100|l40s|l4|a10g|b200|gh200)", name)
+        return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)"
+    )
+    ap.add_argument(
+        "--model-dir", default=None, help="where to write the model (default: a temp dir)"
+    )
+    ap.add_argument("--preset", default="qwen3-0.6b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--budget-s", type=float, default=450, help="the whole run's time budget")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--greedy-tokens", type=int, default=24)
+    ap.add_argument("--hf-requests", type=int, default=64)
+    ap.add_argument("--cap-throughput-s", type=float, default=120)
+    ap.add_argument("--cap-fp8-s", type=float, default=90)
+    ap.add_argument("--cap-hf-s", type=float, default=100)
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset, args.device, args.dtype = "tiny", "cpu", "float32"
+        args.num_requests, args.min_len, args.max_len = 6, 8, 40
+        args.hf_requests, args.greedy_tokens = 4, 6
+        args.max_num_batched_tokens = 256
+    skip = set(filter(None, args.skip.split(",")))
+    tag = _device_tag(args.device)
+    out = (
+        args.out
+        or Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results") / f"gpu_{tag}.json"
+    )
+    run = Run(out, args.budget_s)
+    run.doc.update(
+        {
+            "device": torch.cuda.get_device_name(args.device)
+            if tag != "cpu"
+            else platform.processor(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "preset": args.preset,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "triton_available": ta.triton_available(),
+        }
+    )
+    try:
+        import triton
+
+        run.doc["triton"] = triton.__version__
+    except ImportError:
+        run.doc["triton"] = None
+    log(
+        f"writing {out}; device {run.doc['device']}, torch {torch.__version__}, triton {run.doc['triton']}"
+    )
+
+    model_dir = args.model_dir or tempfile.mkdtemp(prefix="lmfleet-gpu-")
+    rec = run.phase("model", lambda cap: {"dir": str(create_model(model_dir, args.preset))}, 240)
+    if "error" in rec:
+        return 1
+    from lmfleet.engine.models.config import ArchConfig
+
+    vocab = ArchConfig.from_dir(model_dir).vocab_size
+    rng = random.Random(7)
+    short = [[rng.randrange(4, vocab) for _ in range(n)] for n in (5, 17, 33, 64)]
+    prompts, out_lens = workload(args.num_requests, vocab, args.min_len, args.max_len)
+
+    phases = [
+        ("logits", phase_logits(args, model_dir, short), 90),
+        ("greedy", phase_greedy(args, model_dir, short), 90),
+        ("kernels", phase_kernels(args), 60),
+        (
+            "throughput",
+            phase_throughput(args, model_dir, prompts, out_lens, None),
+            args.cap_throughput_s,
+        ),
+        ("fp8", phase_throughput(args, model_dir, prompts, out_lens, "fp8"), args.cap_fp8_s),
+        ("hf", phase_hf(args, model_dir, prompts, out_lens), args.cap_hf_s),
+    ]
+    for name, fn, cap in phases:
+        if name in skip or (args.smoke and name == "kernels"):
+            run.doc["phases"][name] = {"skipped": "--skip" if name in skip else "--smoke"}
+            continue
+        run.phase(name, fn, cap)
+
+    ph = run.doc["phases"]
+    summary = {
+        "out_tok_s": ph.get("throughput", {}).get("out_tok_s"),
+        "batch1_ms_per_token": ph.get("throughput", {})
+        .get("batch1", {})
+        .get("batch1_ms_per_token"),
+        "kv_blocks": ph.get("throughput", {}).get("kv_blocks"),
+        "peak_memory_allocated_GiB": ph.get("throughput", {}).get("peak_memory_allocated_GiB"),
+        "fp8_out_tok_s": ph.get("fp8", {}).get("out_tok_s"),
+        "hf_out_tok_s": ph.get("hf", {}).get("hf_out_tok_s"),
+        "logits_rel_err": ph.get("logits", {}).get("logits_rel_err_bf16_vs_fp32"),
+        "greedy_identical_fp32": ph.get("greedy", {}).get("identical"),
+        "kernels_ok": ph.get("kernels", {}).get("ok"),
+        "failed_phases": [k for k, v in ph.items() if "error" in v],
+        "total_s": round(time.perf_counter() - T0, 1),
+    }
+    run.doc["summary"] = summary
+    run.save()
+    log("summary:")
+    for k, v in summary.items():
+        print(f"  {k:28s} {v}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

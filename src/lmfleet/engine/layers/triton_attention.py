@@ -1,0 +1,402 @@
+"""Paged attention in Triton kernels (the CUDA backend).
+
+:func:`triton_paged_attention` has the signature and meaning of
+:func:`~lmfleet.engine.layers.attention.paged_attention`: it stores one layer's new
+keys and values in the paged cache, then every sequence's new queries attend to its
+whole context, reading K/V in place through the block table. Two launches per layer:
+
+- ``_write_kv_kernel``: one program per new token copies its K and V rows to slot
+  ``slot_mapping[t]`` (a negative slot is padding and is skipped).
+- ``_paged_attention_kernel``: one kernel for prefill from 0, chunked prefill over a
+  cached prefix, decode and mixed batches (varlen queries over paged KV, causal with
+  an offset). A program takes ``BLOCK_Q`` consecutive query tokens of one sequence and
+  all ``group`` query heads of one KV head (``BLOCK_M = BLOCK_Q * group`` rows), walks
+  the context in tiles of ``TILE_N`` keys gathered through the block table, and keeps
+  an fp32 online softmax. The grid is ``(T // BLOCK_Q + B, n_kv)``: sequence ``i``'s
+  query blocks start at index ``query_start_loc[i] // BLOCK_Q + i``, an upper bound
+  that needs no host-side bookkeeping; each program finds its sequence by binary
+  search, and programs past a sequence's last query block return at once.
+
+Triton is imported lazily: this module imports without it (CPU CI), and the
+functions raise :class:`TritonUnavailable` only when called. With
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter,
+which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lmfleet.engine.layers.attention_metadata import AttentionMetadata
+
+#: the softmax runs in base 2: exp(x) = exp2(x * log2(e))
+_LOG2E = 1.4426950408889634
+#: the running max starts finite, so rows that see no key give exp2(-inf) = 0, not NaN
+_NEG_INIT = -1.0e30
+
+
+class TritonUnavailable(RuntimeError):
+    """Triton is not installed or cannot run here; not recoverable in this process.
+    Install ``triton`` (it ships with CUDA builds of PyTorch) or use the CPU backend
+    :func:`lmfleet.engine.layers.attention.paged_attention`."""
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run: Triton imports and either a CUDA device
+    is present or ``TRITON_INTERPRET=1`` asks for the CPU interpreter."""
+    try:
+        _kernels()
+    except TritonUnavailable:
+        return False
+    return torch.cuda.is_available() or _interpreting()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise TritonUnavailable(
+            f"the Triton attention backend needs the 'triton' package ({exc}); "
+            "install it or run on the CPU backend"
+        ) from exc
+
+    @triton.jit
+    def _write_kv_kernel(
+        k_ptr,
+        v_ptr,
+        cache_ptr,
+        slot_ptr,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        cache_kv_stride,
+        cache_slot_stride,
+        cache_head_stride,
+        N_KV: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+        DIM_PAD: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            h = tl.arange(0, HEADS_PAD)[:, None]  # (HEADS_PAD, 1)
+            d = tl.arange(0, DIM_PAD)[None, :]  # (1, DIM_PAD)
+            mask = (h < N_KV) & (d < HEAD_DIM)
+            k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+            v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+            dst = cache_ptr + slot * cache_slot_stride + h * cache_head_stride + d
+            tl.store(dst, k, mask=mask)
+            tl.store(dst + cache_kv_stride, v, mask=mask)
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr,
+        cache_ptr,
+        out_ptr,
+        block_tables_ptr,
+        seq_lens_ptr,
+        query_start_loc_ptr,
+        qk_scale,  # softmax scale * log2(e)
+        num_seqs,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_bt,
+        cache_kv_stride,
+        cache_block_stride,
+        cache_pos_stride,
+        cache_head_stride,
+        GROUP: tl.constexpr,  # query heads per KV head
+        HEAD_DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,  # tokens per KV cache block
+        BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x GROUP heads
+        BLOCK_Q: tl.constexpr,
+        TILE_N: tl.constexpr,  # keys per inner iteration
+        IEEE: tl.constexpr,  # exact fp32 products (fp32 inputs), else the tensor-core default
+        UPCAST: tl.constexpr,  # products in fp32 (the interpreter cannot multiply bf16)
+    ):
+        pid = tl.program_id(0)
+        kv_head = tl.program_id(1)
+
+        # binary search: the last sequence whose first query block is <= pid
+        lo = pid * 0  # int32 scalars (a literal 0 would be a constexpr)
+        hi = lo + num_seqs
+        while lo < hi - 1:
+            mid = (lo + hi) // 2
+            start_block = tl.load(query_start_loc_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+            if start_block <= pid:
+                lo = mid
+            else:
+                hi = mid
+        seq = lo
+        q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+        q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+        local_block = pid - (q_start // BLOCK_Q + seq)
+        if local_block * BLOCK_Q < q_len:
+            seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+            context = seq_len - q_len  # tokens cached before this step's queries
+
+            rows = tl.arange(0, BLOCK_M)  # (M,)
+            q_local = local_block * BLOCK_Q + rows // GROUP  # query token within the sequence
+            head = kv_head * GROUP + rows % GROUP  # query head
+            row_ok = (rows // GROUP < BLOCK_Q) & (q_local < q_len)  # (M,)
+            q_pos = context + q_local  # (M,) absolute position of each row's query
+            d = tl.arange(0, DIM_PAD)  # (D,)
+            d_ok = d < HEAD_DIM
+
+            q_off = (
+                (q_start + q_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+            )
+            q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (M, D)
+            if UPCAST:
+                q = q.to(tl.float32)
+
+            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
+
+            # the last key any row of this block may see, plus one
+            last_q = tl.minimum(local_block * BLOCK_Q + BLOCK_Q, q_len)
+            kv_end = context + last_q
+            table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+            head_off = kv_head * cache_head_stride
+            for n0 in range(0, kv_end, TILE_N):
+                k_pos = n0 + tl.arange(0, TILE_N)  # (N,)
+                k_ok = k_pos < kv_end
+                blk = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+                slot_off = blk * cache_block_stride + (k_pos % BLOCK_SIZE) * cache_pos_stride
+                kv_off = slot_off[:, None] + head_off + d[None, :]  # (N, D)
+                kv_mask = k_ok[:, None] & d_ok[None, :]
+                k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)  # (N, D)
+                v = tl.load(cache_ptr + cache_kv_stride + kv_off, mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (M, N)
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = s * qk_scale
+                visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+                s = tl.where(visible, s, float("-inf"))
+
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.exp2(s - m_new[:, None])  # (M, N)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None]
+                # P is rounded to the cache dtype, as flash attention does
+                p = p.to(cache_ptr.dtype.element_ty).to(v.dtype)
+                if IEEE:
+                    acc += tl.dot(p, v, input_precision="ieee")
+                else:
+                    acc += tl.dot(p, v)
+                m_i = m_new
+
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_i[:, None]
+            o_off = (
+                (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+            )
+            tl.store(
+                out_ptr + o_off,
+                out.to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & d_ok[None, :],
+            )
+
+    return {
+        "write_kv": _write_kv_kernel,
+        "attention": _paged_attention_kernel,
+        "next_power_of_2": triton.next_power_of_2,
+    }
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            "kv_cache must be (2, num_blocks, block_size, n_kv, head_dim), got "
+            f"{tuple(kv_cache.shape)}"
+        )
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache's last dimension must be contiguous")
+
+
+def triton_write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store ``k``/``v`` (T, n_kv, hd) at flat slots ``slot_mapping`` (T,) of
+    ``kv_cache`` (2, num_blocks, block_size, n_kv, hd), in one launch. Slots < 0 are
+    skipped (padding tokens)."""
+    kern = _kernels()
+    _check_cache(kv_cache)
+    num_tokens, n_kv, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if k.dtype != kv_cache.dtype:
+        k = k.to(kv_cache.dtype)
+    if v.dtype != kv_cache.dtype:
+        v = v.to(kv_cache.dtype)
+    # the cache's block and position dims collapse into one slot stride
+    if kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
+        raise ValueError("kv_cache's blocks must be laid out back to back")
+    nxt = kern["next_power_of_2"]
+    kern["write_kv"][(num_tokens,)](
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        N_KV=n_kv,
+        HEAD_DIM=head_dim,
+        HEADS_PAD=nxt(n_kv),
+        DIM_PAD=nxt(head_dim),
+    )
+
+
+def _launch_config(max_query_len: int, group: int, nxt: Callable[[int], int]) -> dict[str, int]:
+    """Tile sizes: 16 rows for decode-only steps (one token per sequence), larger
+    query blocks once any sequence brings a prompt chunk."""
+    rows = 16 if max_query_len == 1 else 64
+    block_m = max(rows, nxt(group))
+    return {"BLOCK_M": block_m, "BLOCK_Q": max(block_m // group, 1), "num_warps": 4}
+
+
+def triton_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of ``q`` (T, n_heads, hd) over the cache, whose slots for this step's
+    tokens are already written; returns (T, n_heads, hd)."""
+    kern = _kernels()
+    _check_cache(kv_cache)
+    num_tokens, n_heads, head_dim = q.shape
+    n_kv = kv_cache.shape[3]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads is not a multiple of {n_kv} KV heads")
+    if kv_cache.shape[-1] != head_dim or kv_cache.shape[2] != meta.block_size:
+        raise ValueError(
+            f"kv_cache {tuple(kv_cache.shape)} does not match head_dim {head_dim} "
+            f"and block_size {meta.block_size}"
+        )
+    out = torch.empty(num_tokens, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if q.dtype != kv_cache.dtype:
+        q = q.to(kv_cache.dtype)
+    nxt = kern["next_power_of_2"]
+    group = n_heads // n_kv
+    cfg = _launch_config(meta.max_query_len, group, nxt)
+    num_seqs = meta.num_seqs
+    grid = (num_tokens // cfg["BLOCK_Q"] + num_seqs, n_kv)
+    tables = meta.block_tables
+    kern["attention"][grid](
+        q,
+        kv_cache,
+        out,
+        tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale * _LOG2E,
+        num_seqs,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        tables.stride(0),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        DIM_PAD=max(nxt(head_dim), 16),
+        BLOCK_SIZE=meta.block_size,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_Q=cfg["BLOCK_Q"],
+        TILE_N=32 if meta.block_size <= 16 else 64,
+        IEEE=kv_cache.dtype == torch.float32,
+        UPCAST=_interpreting() and kv_cache.dtype != torch.float32,
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def triton_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write ``k``/``v`` into ``kv_cache`` and attend; returns (T, n_heads, hd).
+
+    Same contract as :func:`lmfleet.engine.layers.attention.paged_attention`: ``q`` is
+    (T, n_heads, hd), ``k`` and ``v`` (T, n_kv, hd); ``kv_cache`` is one layer's
+    (2, num_blocks, block_size, n_kv, hd) cache, updated in place. Raises
+    :class:`TritonUnavailable` when Triton is missing.
+    """
+    triton_write_kv(k, v, kv_cache, meta.slot_mapping)
+    return triton_attention(q, kv_cache, meta, scale)
+
+
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+    torch.Tensor,
+]
+
+
+def attention_backend(device: torch.device | str, name: str = "auto") -> AttentionFn:
+    """The paged-attention function for ``device``: ``"triton"``, ``"torch"`` (the CPU
+    reference), or ``"auto"`` (Triton on CUDA when it is installed, else torch)."""
+    from lmfleet.engine.layers.attention import paged_attention
+
+    device = torch.device(device)
+    if name == "torch":
+        return paged_attention
+    if name == "triton":
+        _kernels()  # raises TritonUnavailable with the fix
+        return triton_paged_attention
+    if name != "auto":
+        raise ValueError(f"attention backend must be 'auto', 'triton' or 'torch', got {name!r}")
+    if device.type == "cuda" and triton_available():
+        return triton_paged_attention
+    return paged_attention
+
+
+__all__ = [
+    "TritonUnavailable",
+    "attention_backend",
+    "triton_attention",
+    "triton_available",
+    "triton_paged_attention",
+    "triton_write_kv",
+]
