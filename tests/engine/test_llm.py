@@ -135,3 +135,20 @@ def test_chat_uses_template(llm):
         [{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4)
     )[0]
     assert out.prompt_token_ids == llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+
+
+def test_int8_quantized_engine_generates(tiny_model_dir):
+    quant = LLM(str(tiny_model_dir), progress=False, quantization="int8")
+    out = quant.generate(prompts(2), GREEDY)
+    assert [len(o.token_ids) for o in out] == [12, 12]
+    layer = quant.core.runner.model.model.layers[0].self_attn
+    assert type(layer.q_proj).__name__ == "Int8WeightOnlyLinear"
+
+
+def test_engine_settings_are_validated(tiny_model_dir):
+    from lmfleet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantization"):
+        LLM(str(tiny_model_dir), progress=False, quantization="int4")
+    with pytest.raises(ConfigError, match="attention_backend"):
+        LLM(str(tiny_model_dir), progress=False, attention_backend="flash")

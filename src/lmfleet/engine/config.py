@@ -40,9 +40,23 @@ class ModelConfig:
     seed: int = 0
     #: simulated models only: run this many times faster than the profile says
     sim_time_scale: float = 1.0
+    #: paged attention: "auto" (Triton on CUDA when installed), "triton" or "torch"
+    attention_backend: str = "auto"
+    #: weight quantization of the decoder layers: None, "int8" or "fp8"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must name a model directory")
+        _check(
+            self.attention_backend in ("auto", "triton", "torch"),
+            "attention_backend",
+            f"must be 'auto', 'triton' or 'torch', got {self.attention_backend!r}",
+        )
+        _check(
+            self.quantization in (None, "int8", "fp8"),
+            "quantization",
+            f"must be None, 'int8' or 'fp8', got {self.quantization!r}",
+        )
         _check(
             self.sim_time_scale > 0,
             "sim_time_scale",

@@ -16,7 +16,9 @@ import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
+from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import Sampler, SamplingBatch
+from lmfleet.engine.layers.triton_attention import attention_backend
 from lmfleet.engine.models.loader import load_model
 from lmfleet.engine.outputs import RunnerOutput, SchedulerOutput
 from lmfleet.errors import ConfigError
@@ -70,6 +72,14 @@ class ModelRunner:
         )
         self.loaded = loaded
         self.model = loaded.model.eval()
+        self.model.set_attention_backend(
+            attention_backend(self.device, model_config.attention_backend)
+        )
+        if model_config.quantization is not None:
+            count = quantize_model(self.model, model_config.quantization)
+            logger.info("quantized %d linear layers to %s", count, model_config.quantization)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # freed full-precision weights count as free memory
         self.arch = loaded.arch
         self.block_size = cache_config.block_size
         self.sampler = Sampler(seed=model_config.seed, device=self.device)

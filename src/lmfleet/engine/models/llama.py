@@ -11,6 +11,8 @@ files, scheduling or sampling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,8 @@ class LlamaAttention(nn.Module):
         # shared by all layers; a plain attribute so it is neither a submodule here
         # nor part of this layer's state dict
         self._rotary = (rotary,)
+        #: the paged-attention backend (CPU reference or Triton), same signature
+        self.attn_fn = paged_attention
 
     def forward(
         self,
@@ -59,7 +63,7 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = self._rotary[0](positions, q, k)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, n_heads, hd)
+        out = self.attn_fn(q, k, v, kv_cache, meta, self.scale)  # (T, n_heads, hd)
         return self.o_proj(out.reshape(num_tokens, self.n_heads * self.head_dim))
 
 
@@ -126,6 +130,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_attention_backend(self, fn: Callable[..., torch.Tensor]) -> None:
+        """Route every layer's attention through ``fn`` (same signature as
+        :func:`~lmfleet.engine.layers.attention.paged_attention`)."""
+        for layer in self.model.layers:
+            layer.self_attn.attn_fn = fn
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Compute the non-persistent buffers (rotary tables) on ``device``."""
