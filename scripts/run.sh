@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$#" -eq 0 ]; then
-    set -- --prompt "The fleet is ready to serve" --max-tokens 48
-fi
+case " $* " in
+    *" --prompt "*|*" --prompt="*) ;;
+    *) set -- --prompt "The fleet is ready to serve" --max-tokens 48 "$@" ;;
+esac
 exec .venv/bin/lmfleet generate "$@"
