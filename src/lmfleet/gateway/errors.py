@@ -12,7 +12,6 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +21,7 @@ from starlette.types import Send
 
 from lmfleet.errors import ConfigError, LmfleetError
 from lmfleet.gateway.policies.admission import QueueRejected
+from lmfleet.http_errors import OpenAIHTTPError
 
 logger = logging.getLogger(__name__)
 
@@ -36,43 +36,14 @@ _TYPE_BY_STATUS = {
 }
 
 
-class GatewayError(LmfleetError):
+class GatewayError(OpenAIHTTPError, LmfleetError):
     """An answer the gateway gives instead of a replica's: status, OpenAI error
     fields and headers. Recoverable: only this request fails."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str | None = None,
-        param: str | None = None,
-        type: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+    TYPE_BY_STATUS = _TYPE_BY_STATUS
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def error_body(
-    message: str, *, type: str = "invalid_request_error", param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def retry_after(seconds: float) -> dict[str, str]:

@@ -26,10 +26,10 @@ from lmfleet.errors import (
     QueueFull,
     RequestRejected,
 )
+from lmfleet.http_errors import INVALID_REQUEST, OpenAIHTTPError
 
 logger = logging.getLogger(__name__)
 
-INVALID_REQUEST = "invalid_request_error"
 _TYPE_BY_STATUS = {
     401: INVALID_REQUEST,
     429: "rate_limit_error",
@@ -44,38 +44,10 @@ _CODE_BY_PYDANTIC = {
 }
 
 
-class ApiError(Exception):
+class ApiError(OpenAIHTTPError):
     """An error with its HTTP status and OpenAI error fields; raised by routes."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, INVALID_REQUEST)
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def error_body(
-    message: str, *, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    TYPE_BY_STATUS = _TYPE_BY_STATUS
 
 
 # ---- lmfleet errors -------------------------------------------------------------------
