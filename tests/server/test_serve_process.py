@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from tests.server.processes import ServeProcess, launch_serve, stop_all, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -22,66 +20,16 @@ API_KEY = "sk-test"
 ADMIN = "admin-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kw)
-
-    def aclient(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
-
-    def state(self) -> dict:
-        return httpx.get(f"{self.url}/state").json()
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
+Server = ServeProcess
 
 
 def _launch(model_dir: Path, log_dir: Path, *flags: str) -> Server:
-    port = _free_port()
-    log = log_dir / f"serve-{port}.log"
-    cmd = [
-        sys.executable, "-m", "lmfleet.cli", "serve", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-        "--served-model-name", "tiny", "--api-key", API_KEY, "--admin-token", ADMIN,
-        "--kv-cache-memory", "8Mi", "--max-model-len", "1024",
-        "--disable-uvicorn-access-log", *flags,
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    return Server(proc, port, log)
-
-
-def _wait_ready(server: Server, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    saw_live = False
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.logs()}")
-        try:
-            live = httpx.get(f"{server.url}/health/live", timeout=1)
-            saw_live = saw_live or live.status_code == 200
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                assert saw_live
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"server not ready after {timeout}s:\n{server.logs()}")
+    return launch_serve(
+        str(model_dir), log_dir,
+        "--device", "cpu", "--served-model-name", "tiny", "--api-key", API_KEY,
+        "--admin-token", ADMIN, "--kv-cache-memory", "8Mi", "--max-model-len", "1024",
+        *flags, api_key=API_KEY,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +44,10 @@ def fleet(tiny_model_dir, tmp_path_factory) -> Iterator[dict[str, Server]]:
     }
     try:
         for s in servers.values():
-            _wait_ready(s)
+            wait_ready(s, live_first=True)
         yield servers
     finally:
-        for s in servers.values():
-            if s.proc.poll() is None:
-                s.proc.kill()
-            s.proc.wait(timeout=30)
+        stop_all(servers.values())
 
 
 @pytest.fixture

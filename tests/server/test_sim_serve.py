@@ -11,14 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,6 +23,7 @@ import pytest
 from lmfleet.engine.sim.profile import PROFILES_ENV, get_profile
 from lmfleet.errors import ConfigError
 from lmfleet.server.settings import ServerSettings
+from tests.server.processes import ServeProcess, launch_serve, stop_all, wait_ready
 
 MODEL = "sim:test-serve"
 SCALE = 2.0
@@ -47,67 +43,21 @@ PROFILE = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class SimServer:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0)
-
-    def aclient(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0)
-
-    def state(self) -> dict:
-        return httpx.get(f"{self.url}/state").json()
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics").text
-        match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
+SimServer = ServeProcess
 
 
 def _launch(home: Path, *flags: str) -> SimServer:
-    port = _free_port()
-    log = home / f"serve-{port}.log"
     env = {**os.environ, "LMFLEET_HOME": str(home), PROFILES_ENV: str(home / "profiles.json")}
-    cmd = [
-        sys.executable, "-m", "lmfleet.cli", "serve", MODEL, "--host", "127.0.0.1",
-        "--port", str(port), "--sim-time-scale", str(SCALE), "--block-size", str(BLOCK_SIZE),
-        "--disable-uvicorn-access-log", *flags,
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return SimServer(proc, port, log)
-
-
-def _wait_ready(server: SimServer, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.logs()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"server not ready after {timeout}s:\n{server.logs()}")
+    return launch_serve(
+        MODEL,
+        home,
+        "--sim-time-scale",
+        str(SCALE),
+        "--block-size",
+        str(BLOCK_SIZE),
+        *flags,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +67,10 @@ def sim_fleet(tmp_path_factory) -> Iterator[dict[str, SimServer]]:
     servers = {"main": _launch(home), "drain": _launch(home, "--drain-timeout", "60")}
     try:
         for s in servers.values():
-            _wait_ready(s)
+            wait_ready(s)
         yield servers
     finally:
-        for s in servers.values():
-            if s.proc.poll() is None:
-                s.proc.kill()
-            s.proc.wait(timeout=30)
+        stop_all(servers.values())
 
 
 @pytest.fixture
