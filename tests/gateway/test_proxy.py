@@ -163,16 +163,22 @@ def test_connection_refused_ejects_replica():
     dead = ServerThread(FakeReplica("dead").app())
     with dead:
         dead_url = dead.url
-    with running(good) as (sg,), gateway(fleet({"v1": [sg.url]})) as (c, app):
-        ready(app)
-        reg = app.state.gateway.registry
-        info = reg.add_replica("m", "v1", dead_url)
-        info.routable = True  # pretend a poll saw it ready just before it died
-        reg.version("m", "v1").refresh_capacity()
-        for i in range(4):
-            r = c.post("/v1/completions", json={"model": "m", "prompt": f"{i}"})
-            assert r.status_code == 200
-        assert not info.routable
+    # round-robin, so the dead replica is tried; no polls after the first, so only
+    # the proxy's connection error can eject it
+    with running(good) as (sg,):
+        doc = fleet({"v1": [sg.url]}, balancing={"policy": "round_robin"},
+                    gateway={"poll_interval_s": 60})  # fmt: skip
+        with gateway(doc) as (c, app):
+            ready(app)
+            reg = app.state.gateway.registry
+            info = reg.add_replica("m", "v1", dead_url)
+            info.routable = True  # pretend a poll saw it ready just before it died
+            reg.version("m", "v1").refresh_capacity()
+            for i in range(4):
+                r = c.post("/v1/completions", json={"model": "m", "prompt": f"{i}"})
+                assert r.status_code == 200
+            assert not info.routable
+            assert info.last_error.startswith("connect:")
 
 
 def test_queue_depth_metric_while_replicas_at_cap():

@@ -1,7 +1,8 @@
-"""The gateway's ASGI application: ``build_app(config) -> FastAPI``.
+"""The gateway's ASGI application: ``build_app(config) -> GatewayApp``.
 
-The two generation routes are the plain-ASGI :class:`~lmfleet.gateway.proxy.Proxy`
-(no middleware touches a stream). Everything else is ordinary FastAPI:
+:class:`GatewayApp` sends the two generation routes straight to the plain-ASGI
+:class:`~lmfleet.gateway.proxy.Proxy` (no router, no middleware touches a stream:
+each relayed chunk costs one ``send``). Everything else is ordinary FastAPI:
 
 - ``GET /v1/models``: the fleet's models; ``POST /v1/feedback``: a score for a
   response id, credited to the version that produced it;
@@ -25,7 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from lmfleet import __version__
 from lmfleet.errors import ConfigError
@@ -241,9 +242,28 @@ def _admin_router() -> APIRouter:
     return r
 
 
+class GatewayApp:
+    """The ASGI entry point: generation routes to the proxy, the rest to FastAPI
+    (``api``). ``state`` is the FastAPI app's state (``state.gateway``,
+    ``state.proxy``, ``state.rollouts``)."""
+
+    _PROXIED = frozenset({CHAT_PATH, COMPLETIONS_PATH})
+
+    def __init__(self, api: FastAPI, proxy: Proxy) -> None:
+        self.api = api
+        self.proxy = proxy
+        self.state = api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self._PROXIED:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
 def build_app(
     config: FleetConfig, *, config_path: str | None = None, state: GatewayState | None = None
-) -> FastAPI:
+) -> GatewayApp:
     """The gateway's ASGI app; polling and rollouts start with the lifespan."""
     state = state or GatewayState(config, config_path=config_path)
     state.started_at = time.time()
@@ -261,13 +281,11 @@ def build_app(
             await proxy.close()
             await state.close()
 
-    app = FastAPI(title="lmfleet gateway", version=__version__, lifespan=lifespan)
-    app.state.gateway = state
-    app.state.proxy = proxy
-    app.state.rollouts = rollouts
-    errors.install(app)
-    app.router.routes.append(Route(CHAT_PATH, proxy, methods=["POST"]))
-    app.router.routes.append(Route(COMPLETIONS_PATH, proxy, methods=["POST"]))
-    app.include_router(_public_router())
-    app.include_router(_admin_router())
-    return app
+    api = FastAPI(title="lmfleet gateway", version=__version__, lifespan=lifespan)
+    api.state.gateway = state
+    api.state.proxy = proxy
+    api.state.rollouts = rollouts
+    errors.install(api)
+    api.include_router(_public_router())
+    api.include_router(_admin_router())
+    return GatewayApp(api, proxy)

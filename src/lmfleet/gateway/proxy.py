@@ -33,7 +33,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from starlette.types import Receive, Scope, Send
 
 from lmfleet.gateway import resume
@@ -52,6 +51,7 @@ from lmfleet.gateway.policies.split import VersionWeight, choose_version
 from lmfleet.gateway.registry import ModelEntry, ReplicaInfo, VersionEntry
 from lmfleet.gateway.sse import StreamTracker
 from lmfleet.gateway.state import GatewayState
+from lmfleet.gateway.upstream import ConnectFailed, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ COMPLETIONS_PATH = "/v1/completions"
 #: replica answers worth trying elsewhere
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _PREFIX_POLICIES = frozenset({"prefix_affinity", "kv_aware"})
+#: seconds to wait, after ``[DONE]``, for the end of the replica's response
+_FINISH_S = 1.0
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -295,53 +297,54 @@ class Proxy:
         version.balancer.on_routed(view.replica_id, call.route)
         return version.replicas.get(view.replica_id)
 
-    def _timeout(self, stream: bool) -> httpx.Timeout:
-        t = self.state.config.gateway.timeouts
-        return httpx.Timeout(
-            connect=t.connect_s, read=t.idle_s if stream else t.total_s,
-            write=t.connect_s, pool=None,
-        )  # fmt: skip
-
     async def _attempt(
         self, call: Call, replica: ReplicaInfo, path: str, body: bytes
-    ) -> httpx.Response:
-        """One try; raises :class:`GatewayError` when another replica should try."""
+    ) -> UpstreamResponse:
+        """One try; raises :class:`GatewayError` when another replica should try. The
+        body of a non-streaming answer (and of an error answer) is read into
+        ``content``."""
         t = self.state.config.gateway.timeouts
-        client = self.state.client
-        req = client.build_request(
-            "POST", replica.url + path, content=body, timeout=self._timeout(call.stream),
-            headers={"content-type": "application/json", "x-request-id": call.rid},
-        )  # fmt: skip
-        resp: httpx.Response | None = None
+        resp: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(t.first_byte_s if call.stream else t.total_s):
-                resp = await client.send(req, stream=True)
-                if not call.stream or resp.status_code in _RETRY_STATUSES:
-                    await resp.aread()
-        except httpx.ConnectError as exc:  # refused or unreachable: the replica is gone
-            self.state.registry.eject(replica, f"connect: {type(exc).__name__}")
+                resp = await self.state.upstream.request(
+                    replica.url, path, body,
+                    [("content-type", "application/json"), ("x-request-id", call.rid)],
+                    connect_timeout=t.connect_s, head_timeout=None,
+                )  # fmt: skip
+                if not call.stream or resp.status in _RETRY_STATUSES:
+                    resp.content = await resp.read()
+        except ConnectFailed as exc:  # refused or unreachable: the replica is gone
+            self.state.registry.eject(replica, f"connect: {exc}")
             raise GatewayError(
-                502, f"replica unreachable ({type(exc).__name__})", code="upstream_unreachable"
+                502, "replica unreachable (connect failed)", code="upstream_unreachable"
             ) from None
-        except (httpx.TransportError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             # a timeout means a busy replica, a dropped connection may be a stale pooled
             # one: try elsewhere, and leave ejection to the next poll
             if resp is not None:
-                await resp.aclose()
-            kind = "timeout" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "error"
+                resp.close()
+            kind = "timeout" if isinstance(exc, TimeoutError) else "error"
             raise GatewayError(
                 504 if kind == "timeout" else 502,
                 f"replica {kind} before the answer ({type(exc).__name__})",
                 code=f"upstream_{kind}",
             ) from None
-        if resp.status_code in _RETRY_STATUSES:
-            if resp.status_code == 503:
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        if resp.status in _RETRY_STATUSES:
+            resp.close()
+            if resp.status == 503:
                 self.state.registry.eject(replica, "answered 503 (draining or not ready)")
-            keep = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
-            raise _Passthrough(resp.status_code, resp.content, keep)
+            keep = {k: v for k, v in resp.headers.items() if k == "retry-after"}
+            raise _Passthrough(resp.status, resp.content or b"", keep)
         return resp
 
-    async def _send(self, call: Call, version: VersionEntry) -> tuple[ReplicaInfo, httpx.Response]:
+    async def _send(
+        self, call: Call, version: VersionEntry
+    ) -> tuple[ReplicaInfo, UpstreamResponse]:
         """Try replicas of ``version`` until one answers; the replica's in-flight count
         stays raised on success (the caller lowers it)."""
         retries = self.state.config.gateway.retries
@@ -384,13 +387,11 @@ class Proxy:
     # ---- non-streaming ----------------------------------------------------------------------
     async def _unary(self, call: Call, send: Send) -> None:
         replica, resp = await self._send(call, call.version)
-        try:
-            body = resp.content
-            status = resp.status_code
-            ctype = resp.headers.get("content-type", "application/json")
-        finally:
-            replica.inflight -= 1
-            await resp.aclose()
+        replica.inflight -= 1
+        resp.close()
+        body = resp.content or b""
+        status = resp.status
+        ctype = resp.headers.get("content-type", "application/json")
         if status == 200:
             self._account_json(call, body)
         await send({
@@ -422,13 +423,15 @@ class Proxy:
     # ---- streaming ---------------------------------------------------------------------------
     async def _stream(self, call: Call, receive: Receive, send: Send) -> None:
         replica, resp = await self._send(call, call.version)
-        if resp.status_code != 200:  # a client error (400 ...): relay it whole
+        if resp.status != 200:  # a client error (400 ...): relay it whole
             try:
-                body = await resp.aread()
+                body = await resp.read(self.state.config.gateway.timeouts.total_s)
+            except (UpstreamError, TimeoutError):
+                body = b""
             finally:
                 replica.inflight -= 1
-                await resp.aclose()
-            raise _Passthrough(resp.status_code, body, {})
+                resp.close()
+            raise _Passthrough(resp.status, body, {})
         await send({
             "type": "http.response.start", "status": 200,
             "headers": [*_SSE_HEADERS, (VERSION_HEADER.encode(), call.version.name.encode()),
@@ -467,7 +470,7 @@ class Proxy:
                 return
 
     async def _relay(
-        self, call: Call, replica: ReplicaInfo, resp: httpx.Response, tracker: StreamTracker,
+        self, call: Call, replica: ReplicaInfo, resp: UpstreamResponse, tracker: StreamTracker,
         send: Send,
     ) -> None:  # fmt: skip
         max_resumes = self.state.config.gateway.retries.max_resumes
@@ -475,9 +478,11 @@ class Proxy:
         while True:
             try:
                 failure = await self._pump(resp, tracker, send)
+                if failure is None:
+                    await resp.finish(_FINISH_S)  # keep the connection for the next call
             finally:
                 replica.inflight -= 1
-                await resp.aclose()
+                resp.close()
             if failure is None:
                 self._finish_stream(call, tracker, "ok")
                 return
@@ -509,24 +514,28 @@ class Proxy:
             self.state.metrics.resumes.labels(*call.labels, "ok").inc()
             replica, resp = nxt
 
-    async def _pump(self, resp: httpx.Response, tracker: StreamTracker, send: Send) -> str | None:
+    async def _pump(self, resp: UpstreamResponse, tracker: StreamTracker, send: Send) -> str | None:
         """Relay events until ``[DONE]``; the failure, or None."""
+        idle_s = self.state.config.gateway.timeouts.idle_s
         buf = b""
         try:
-            async for chunk in resp.aiter_raw():
-                buf += chunk
+            while (chunk := await resp.next_chunk(idle_s)) is not None:
+                buf = buf + chunk if buf else chunk
                 cut = buf.rfind(b"\n\n")
                 if cut < 0:
                     continue
-                events, buf = buf[: cut + 2], buf[cut + 2 :]
+                if cut + 2 == len(buf):
+                    events, buf = buf, b""
+                else:
+                    events, buf = buf[: cut + 2], buf[cut + 2 :]
                 out = tracker.feed(events)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if tracker.done:
                     return None
-        except httpx.ReadTimeout:
-            return f"no chunk for {self.state.config.gateway.timeouts.idle_s:g} s"
-        except httpx.TransportError as exc:
+        except TimeoutError:
+            return f"no chunk for {idle_s:g} s"
+        except UpstreamError as exc:
             return f"{type(exc).__name__}: {exc}"
         if tracker.upstream_error is not None:
             return None  # the replica reported its own error in the stream: relayed
@@ -534,7 +543,7 @@ class Proxy:
 
     async def _resume(
         self, call: Call, tracker: StreamTracker, send: Send
-    ) -> tuple[ReplicaInfo, httpx.Response] | None:
+    ) -> tuple[ReplicaInfo, UpstreamResponse] | None:
         version = call.version
         timeouts = self.state.config.gateway.timeouts
         if call.replica is not None:
@@ -548,9 +557,9 @@ class Proxy:
             raise GatewayError(503, "no other ready replica", code="no_replica")
         upstream_model = version.served_model_name or call.payload["model"]
         body, sent_tokens = await resume.continuation(
-            self.state.client, replica.url, call.payload, chat=call.chat,
+            self.state.upstream, replica.url, call.payload, chat=call.chat,
             upstream_model=upstream_model, sent_text=tracker.text,
-            timeout=self._timeout(stream=False),
+            timeout=self.state.config.gateway.timeouts.total_s,
         )  # fmt: skip
         if call.chat and not tracker.sent_any:
             await send({"type": "http.response.body", "body": tracker.role_chunk(),
@@ -569,11 +578,16 @@ class Proxy:
         except BaseException:
             replica.inflight -= 1
             raise
-        if resp.status_code != 200:
+        if resp.status != 200:
             replica.inflight -= 1
-            detail = (await resp.aread())[:200].decode(errors="replace")
-            await resp.aclose()
-            raise GatewayError(502, f"continuation answered {resp.status_code}: {detail}")
+            try:
+                raw = await resp.read(self.state.config.gateway.timeouts.total_s)
+            except (UpstreamError, TimeoutError):
+                raw = b""
+            finally:
+                resp.close()
+            detail = raw[:200].decode(errors="replace")
+            raise GatewayError(502, f"continuation answered {resp.status}: {detail}")
         call.replica = replica
         return replica, resp
 
@@ -667,12 +681,12 @@ class Proxy:
                     if failure is not None:
                         outcome = "error"
                 else:
-                    self._account_json(call, resp.content)
-                    if resp.status_code != 200:
+                    self._account_json(call, resp.content or b"")
+                    if resp.status != 200:
                         outcome = "error"
             finally:
                 replica.inflight -= 1
-                await resp.aclose()
+                resp.close()
         except Exception as exc:
             outcome = "error"
             logger.debug("shadow copy %s failed: %s", call.rid, exc)

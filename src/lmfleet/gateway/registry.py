@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from lmfleet.gateway.config import FleetConfig, ModelConfig, VersionConfig
 from lmfleet.gateway.policies.admission import AdmissionQueue
 from lmfleet.gateway.policies.balance import Balancer, ReplicaView, make_balancer
+from lmfleet.gateway.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 _READY = "ready"
 #: polls in a row that time out before a replica is ejected
 _POLL_FAILURES = 3
+#: seconds a ``/state`` poll may take
+_POLL_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -137,12 +139,12 @@ class Registry:
         self,
         config: FleetConfig,
         *,
-        client: httpx.AsyncClient | None = None,
+        pool: UpstreamPool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
-        self._client = client
-        self._own_client = client is None
+        self._pool = pool
+        self._own_pool = pool is None
         self._task: asyncio.Task[None] | None = None
         self.models: dict[str, ModelEntry] = {}
         self.config = config
@@ -264,11 +266,8 @@ class Registry:
 
     # ---- polling ------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._client is None:
-            timeout = self.config.gateway.timeouts
-            from lmfleet.gateway.state import upstream_client
-
-            self._client = upstream_client(httpx.Timeout(2.0, connect=timeout.connect_s), 256)
+        if self._pool is None:
+            self._pool = UpstreamPool()
         await self.poll_once()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="gateway-poll")
 
@@ -278,9 +277,9 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._own_pool and self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     async def _loop(self) -> None:
         while True:
@@ -298,21 +297,24 @@ class Registry:
             entry.refresh_capacity()
 
     async def _poll(self, replica: ReplicaInfo) -> None:
-        if self._client is None:
+        if self._pool is None:
             raise RuntimeError("Registry.start() was not called")
         try:
-            resp = await self._client.get(replica.url + "/state")
-            data = resp.json() if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as exc:
+            status, raw = await self._pool.fetch(
+                replica.url, "/state", method="GET", timeout=_POLL_TIMEOUT_S,
+                connect_timeout=self.config.gateway.timeouts.connect_s,
+            )  # fmt: skip
+            data = json.loads(raw) if status == 200 else None
+        except (UpstreamError, TimeoutError, ValueError) as exc:
             replica.poll_failures += 1
             # refused: gone now; a timeout may be a busy replica: eject after a few
-            if isinstance(exc, httpx.ConnectError) or replica.poll_failures >= _POLL_FAILURES:
+            if isinstance(exc, ConnectFailed) or replica.poll_failures >= _POLL_FAILURES:
                 self._set_unroutable(replica, "unreachable", f"/state: {type(exc).__name__}")
             return
         replica.poll_failures = 0
         replica.last_poll = self._clock()
         if not isinstance(data, dict):
-            self._set_unroutable(replica, "unknown", f"/state answered {resp.status_code}")
+            self._set_unroutable(replica, "unknown", f"/state answered {status}")
             return
         replica.running = int(data.get("running") or 0)
         replica.waiting = int(data.get("waiting") or 0)

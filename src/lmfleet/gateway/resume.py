@@ -17,9 +17,10 @@ tools) ends with an error event instead.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import httpx
+from lmfleet.gateway.upstream import UpstreamError, UpstreamPool
 
 #: request fields copied to the continuation as they are
 _CARRIED = (
@@ -65,29 +66,33 @@ def max_new_tokens(payload: dict[str, Any], chat: bool) -> int | None:
 
 
 async def _tokenize(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], timeout: httpx.Timeout
+    pool: UpstreamPool, url: str, body: dict[str, Any], timeout: float
 ) -> list[int]:
     try:
-        resp = await client.post(url + "/tokenize", json=body, timeout=timeout)
-    except httpx.HTTPError as exc:
+        status, raw = await pool.fetch(url, "/tokenize", json.dumps(body).encode(),
+                                       timeout=timeout, connect_timeout=timeout)  # fmt: skip
+    except (UpstreamError, TimeoutError) as exc:
         raise CannotResume(f"/tokenize failed: {type(exc).__name__}") from None
-    if resp.status_code != 200:
-        raise CannotResume(f"/tokenize answered {resp.status_code}")
-    tokens = resp.json().get("tokens")
+    if status != 200:
+        raise CannotResume(f"/tokenize answered {status}")
+    try:
+        tokens = json.loads(raw).get("tokens")
+    except (ValueError, AttributeError):
+        tokens = None
     if not isinstance(tokens, list):
         raise CannotResume("/tokenize gave no tokens")
     return tokens
 
 
 async def continuation(
-    client: httpx.AsyncClient,
+    pool: UpstreamPool,
     replica_url: str,
     payload: dict[str, Any],
     *,
     chat: bool,
     upstream_model: str,
     sent_text: str,
-    timeout: httpx.Timeout,
+    timeout: float,
 ) -> tuple[dict[str, Any] | None, int]:
     """The continuation's ``/v1/completions`` body and the number of tokens already
     sent. The body is None when no token is left to generate."""
@@ -100,10 +105,10 @@ async def continuation(
         for k in ("chat_template", "chat_template_kwargs", "tools"):
             if payload.get(k) is not None:
                 tok_req[k] = payload[k]
-        prompt_ids = await _tokenize(client, replica_url, tok_req, timeout)
+        prompt_ids = await _tokenize(pool, replica_url, tok_req, timeout)
     elif isinstance(payload["prompt"], str):
         prompt_ids = await _tokenize(
-            client, replica_url,
+            pool, replica_url,
             {"model": upstream_model, "prompt": payload["prompt"],
              "add_special_tokens": payload.get("add_special_tokens", True)},
             timeout,
@@ -113,7 +118,7 @@ async def continuation(
     generated: list[int] = []
     if sent_text:
         generated = await _tokenize(
-            client, replica_url,
+            pool, replica_url,
             {"model": upstream_model, "prompt": sent_text, "add_special_tokens": False},
             timeout,
         )  # fmt: skip

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import signal
+import socket
 
 import uvicorn
 
@@ -71,24 +73,35 @@ def run_gateway(args: argparse.Namespace) -> int:
         return 0
     state = GatewayState(config, config_path=args.config)
     app = build_app(config, config_path=args.config, state=state)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            log_level=args.log_level.lower(),
-            access_log=args.access_log,
-            timeout_graceful_shutdown=30,
-            lifespan="on",
-            backlog=4096,
-        )
+    native = importlib.util.find_spec("uvloop") is not None
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        log_level=args.log_level.lower(),
+        access_log=args.access_log,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+        backlog=4096,
+        # uvloop + httptools when installed: C event loop and parser, several
+        # times cheaper per relayed chunk than asyncio + h11
+        loop="uvloop" if native else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
     )
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, _reload, state, args.config)
-        await server.serve()
-
-    asyncio.run(main())
+    _ReloadingServer(uv_config, state, args.config).run()
     return 0
+
+
+class _ReloadingServer(uvicorn.Server):
+    """uvicorn with SIGHUP bound to a reload of the fleet file."""
+
+    def __init__(self, config: uvicorn.Config, state: GatewayState, path: str) -> None:
+        super().__init__(config)
+        self._state = state
+        self._path = path
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, _reload, self._state, self._path)
+        await super().serve(sockets)

@@ -1,8 +1,14 @@
 """Following an OpenAI server-sent-event stream on its way through the gateway.
 
-:class:`StreamTracker` reads each event once (one ``json.loads``), remembers what the
-client has been sent (response id, text of choice 0, finish reason, usage, first
-token time) and decides what to forward:
+:class:`StreamTracker` remembers what the client has been sent (response id, text of
+choice 0, finish reason, usage, first token time) and decides what to forward. It
+parses (``json.loads``) only what it must: the events up to the first token (id,
+``created``, model, first-token time), and events that carry ``usage`` or an
+``error``. Every other event is relayed as it came and kept raw; the text and finish
+reason are read from those only when needed (a resume, a stream without usage) or
+when more than ``LAZY_LIMIT`` bytes are waiting. The checks are byte searches for
+JSON keys, which are exact: inside a JSON string every ``"`` is escaped, so
+``"usage":`` can only be a key. What it forwards:
 
 - normally the replica's bytes, unchanged;
 - without the ``usage`` chunk the gateway asked for on the client's behalf (it
@@ -21,6 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
+#: raw events kept unparsed per stream before they are read for their text
+LAZY_LIMIT = 256 * 1024
+_USAGE = (b'"usage":{', b'"usage": {')
+_ERROR = (b'"error":', b'"error" :')
 
 
 def _dumps(obj: Any) -> bytes:
@@ -38,8 +48,8 @@ class StreamTracker:
     created: int | None = None
     model: str | None = None
     parts: list[str] = field(default_factory=list)
-    content_chunks: int = 0
-    finish_reason: str | None = None
+    _content_chunks: int = 0
+    _finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     done: bool = False
     sent_any: bool = False
@@ -47,21 +57,40 @@ class StreamTracker:
     #: set on a resume: tokens the client already has (continuation mode)
     resumed_tokens: int | None = None
     continuation_chat: bool = False
+    #: relayed events not yet read for their text, in order (raw JSON or parsed)
+    _pending: list[bytes | dict[str, Any]] = field(default_factory=list)
+    _pending_bytes: int = 0
 
     @property
     def text(self) -> str:
+        self._drain()
         return "".join(self.parts)
+
+    @property
+    def content_chunks(self) -> int:
+        self._drain()
+        return self._content_chunks
+
+    @property
+    def finish_reason(self) -> str | None:
+        self._drain()
+        return self._finish_reason
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def begin_continuation(self, generated_tokens: int, *, via_completions: bool) -> None:
+        self._drain()
         self.resumed_tokens = generated_tokens
         self.continuation_chat = self.chat and via_completions
 
     def feed(self, events: bytes) -> bytes:
         """Complete events (ending in a blank line) in, bytes for the client out."""
+        if self.t_first is not None and self.resumed_tokens is None:
+            fast = self._feed_fast(events)
+            if fast is not None:
+                return fast
         out: list[bytes] = []
         for raw in events.split(b"\n\n"):
             if not raw.strip():
@@ -73,6 +102,14 @@ class StreamTracker:
             if data == b"[DONE]":
                 self.done = True
                 out.append(DONE)
+                continue
+            if (
+                self.t_first is not None
+                and self.resumed_tokens is None
+                and not (_has(data, _USAGE) or _has(data, _ERROR))
+            ):
+                self._keep(data)
+                out.append(raw + b"\n\n")
                 continue
             try:
                 obj = json.loads(data)
@@ -95,6 +132,57 @@ class StreamTracker:
             self.sent_any = True
         return b"".join(out)
 
+    def _feed_fast(self, events: bytes) -> bytes | None:
+        """The common case after the first token: every event is a plain ``data:``
+        chunk without usage or error, relayed as it came. None: take the slow path."""
+        if _has(events, _USAGE) or _has(events, _ERROR) or b"[DONE]" in events:
+            return None
+        kept: list[bytes] = []
+        for raw in events.split(b"\n\n"):
+            if not raw:
+                continue
+            if not raw.startswith(b"data:"):
+                return None
+            kept.append(raw[5:])
+        for data in kept:
+            self._keep(data)
+        if kept:
+            self.sent_any = True
+        return events
+
+    def _keep(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > LAZY_LIMIT:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read the text and finish reason of the events kept raw."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for data in pending:
+            if isinstance(data, dict):
+                self._content(data)
+                continue
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                self._content(obj)
+
+    def _content(self, obj: dict[str, Any]) -> None:
+        for c in obj.get("choices") or []:
+            if c.get("index", 0) != 0:
+                continue
+            text = (c.get("delta") or {}).get("content") if self.chat else c.get("text")
+            if text:
+                self.parts.append(text)
+                self._content_chunks += 1
+                if self.t_first is None:
+                    self.t_first = time.perf_counter()
+            if c.get("finish_reason"):
+                self._finish_reason = c["finish_reason"]
+
     def _observe(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         if self.resumed_tokens is not None:
             obj = self._rewrite(obj)
@@ -103,17 +191,10 @@ class StreamTracker:
             self.created = obj.get("created")
             self.model = obj.get("model")
         choices = obj.get("choices") or []
-        for c in choices:
-            if c.get("index", 0) != 0:
-                continue
-            text = (c.get("delta") or {}).get("content") if self.chat else c.get("text")
-            if text:
-                self.parts.append(text)
-                self.content_chunks += 1
-                if self.t_first is None:
-                    self.t_first = time.perf_counter()
-            if c.get("finish_reason"):
-                self.finish_reason = c["finish_reason"]
+        if self._pending:
+            self._pending.append(obj)  # read after the raw ones before it, in order
+        else:
+            self._content(obj)
         if obj.get("usage"):
             self.usage = obj["usage"]
             if not choices and not self.client_usage:
@@ -180,5 +261,10 @@ class StreamTracker:
             choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
             obj = {"id": rid, "object": "text_completion"}
         obj.update(created=self.created, model=self.model, choices=[choice], usage=None)
-        self.finish_reason = reason
+        self._drain()
+        self._finish_reason = reason
         return b"data: " + _dumps(obj) + b"\n\n"
+
+
+def _has(data: bytes, needles: tuple[bytes, ...]) -> bool:
+    return any(n in data for n in needles)

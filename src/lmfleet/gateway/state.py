@@ -1,5 +1,5 @@
-"""The gateway's shared state: configuration, registry, auth, metrics, the pooled
-upstream client, A/B samples and the retry budget. One object, built by the app
+"""The gateway's shared state: configuration, registry, auth, metrics, the pool of
+upstream connections, A/B samples and the retry budget. One object, built by the app
 factory and handed to the proxy and the admin routes.
 """
 
@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-
-import httpx
 
 from lmfleet.gateway.abstats import VersionSamples
 from lmfleet.gateway.auth import Authenticator
 from lmfleet.gateway.config import FleetConfig, RetryConfig
 from lmfleet.gateway.metrics import GatewayMetrics
 from lmfleet.gateway.registry import Registry
+from lmfleet.gateway.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
 
@@ -27,21 +25,8 @@ _FEEDBACK_IDS = 100_000
 
 
 #: idle pooled connections are closed before servers close them (uvicorn: after 5 s),
-#: so a request never goes out on a connection the replica is closing
+#: so a request rarely goes out on a connection the replica is closing
 KEEPALIVE_S = 4.0
-
-
-def upstream_client(timeout: httpx.Timeout, max_keepalive: int) -> httpx.AsyncClient:
-    """A pooled client with TCP_NODELAY on its sockets (replies are small writes)."""
-    transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(
-            max_connections=None,
-            max_keepalive_connections=max_keepalive,
-            keepalive_expiry=KEEPALIVE_S,
-        ),
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-    )
-    return httpx.AsyncClient(timeout=timeout, transport=transport)
 
 
 class RetryBudget:
@@ -85,7 +70,6 @@ class GatewayState:
         self,
         config: FleetConfig,
         *,
-        client: httpx.AsyncClient | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         config_path: str | None = None,
@@ -96,32 +80,21 @@ class GatewayState:
         self.started_at = time.time()
         self.rng = rng or random.Random()
         self.metrics = GatewayMetrics()
-        self.registry = Registry(config, clock=clock)
+        #: every call to the replicas: generation, polls, the resume's tokenize
+        self.upstream = UpstreamPool(idle_s=KEEPALIVE_S)
+        self.registry = Registry(config, pool=self.upstream, clock=clock)
         self.metrics.bind(self.registry)
         self.auth = Authenticator(config, clock=clock)
         self.retry_budget = RetryBudget(config.gateway.retries, clock)
-        self._client = client
         self.samples: dict[tuple[str, str], VersionSamples] = {}
         self._response_versions: OrderedDict[str, tuple[str, str]] = OrderedDict()
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            t = self.config.gateway.timeouts
-            self._client = upstream_client(
-                httpx.Timeout(t.total_s, connect=t.connect_s, pool=None),
-                max_keepalive=4096,
-            )
-        return self._client
 
     async def start(self) -> None:
         await self.registry.start()
 
     async def close(self) -> None:
         await self.registry.close()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self.upstream.aclose()
 
     def apply_config(self, config: FleetConfig) -> None:
         """A reload: requests in flight keep what they hold (replica, version, slot)."""
