@@ -18,7 +18,9 @@ Phases, in order:
    attention timing (GB/s over the K/V bytes read).
 5. ``throughput``: ``--num-requests`` (256) requests, prompt and output lengths
    uniform in [100, 1024], EOS ignored, greedy, all submitted at once through the
-   engine (bf16, Triton attention) → ``out_tok_s``; KV blocks; peak memory.
+   engine (bf16, Triton attention) → ``out_tok_s``; KV blocks and how their budget
+   was sized (``kv_sizing``: weights, profiled activation peak, reserve, non-torch
+   memory); peak memory.
 6. ``batch1``: one request, 128-token prompt, 128 outputs → ``batch1_ms_per_token``.
 7. ``fp8``: phase 5's workload with fp8 weights (``quantize_model(model, "fp8")``).
 8. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
@@ -38,6 +40,7 @@ capped run cover the prefill-heavy start and are biased low.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -440,6 +443,9 @@ def phase_throughput(
         rec.update(drive(llm, prompts, out_lens, cap - 15, "tp"))
         stats = llm.core.stats()
         rec["kv_blocks"] = stats.num_blocks
+        # how the KV budget was derived (profiled forward); null on CPU or a fixed budget
+        sizing = llm.core.runner.kv_sizing
+        rec["kv_sizing"] = dataclasses.asdict(sizing) if sizing is not None else None
         rec["kv_block_size"] = llm.config.cache.block_size
         rec["num_preemptions"] = stats.num_preemptions
         if torch.cuda.is_available():

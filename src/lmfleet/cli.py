@@ -58,7 +58,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="fraction of accelerator memory the engine may use (default: %(default)s)",
+        help="fraction of accelerator memory the engine may use; the KV cache gets what is "
+        "left after the weights, the activation peak of a profiled forward at "
+        "--max-num-batched-tokens, a 256 MiB reserve and other processes' memory "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--no-prefix-caching",
@@ -84,10 +87,37 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=0,
         help="seed of the shared sampler generator (default: %(default)s)",
     )
+    add_kernel_flags(g)
+
+
+def add_kernel_flags(g: argparse._ArgumentGroup) -> None:
+    """``--attention-backend`` and ``--quantization``, shared with ``lmfleet serve``.
+    argparse checks the choices, so a typo fails before any weights load."""
+    from lmfleet.engine.config import ATTENTION_BACKENDS, QUANTIZATIONS, describe_choices
+
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=list(ATTENTION_BACKENDS),
+        help=f"paged-attention implementation. {describe_choices(ATTENTION_BACKENDS)} "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--quantization",
+        default="none",
+        choices=list(QUANTIZATIONS),
+        help="weight quantization of the decoder layers (embeddings and lm_head stay in "
+        f"--dtype). {describe_choices(QUANTIZATIONS)} (default: %(default)s)",
+    )
 
 
 def _engine_config(args: argparse.Namespace, model: str):
-    from lmfleet.engine.config import SchedulerConfig, apply_env, engine_config
+    from lmfleet.engine.config import (
+        SchedulerConfig,
+        apply_env,
+        engine_config,
+        quantization_setting,
+    )
 
     cfg = engine_config(
         model,
@@ -95,6 +125,8 @@ def _engine_config(args: argparse.Namespace, model: str):
         device=args.device,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        attention_backend=args.attention_backend,
+        quantization=quantization_setting(args.quantization),
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,

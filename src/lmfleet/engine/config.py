@@ -17,6 +17,35 @@ from lmfleet.errors import ConfigError
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: model names starting with this select the simulated accelerator (``sim:PROFILE``)
 SIM_PREFIX = "sim:"
+#: paged-attention implementations and when to pick each; both CLIs show these
+ATTENTION_BACKENDS: dict[str, str] = {
+    "auto": "Triton on a CUDA device when triton is installed, else torch",
+    "triton": "the Triton kernels (needs a CUDA GPU and the triton package)",
+    "torch": "the plain-PyTorch reference (runs anywhere, slow on a GPU)",
+}
+#: weight quantization methods and what each costs; ``none`` is ``quantization=None``
+QUANTIZATIONS: dict[str, str] = {
+    "none": "weights stay in --dtype",
+    "int8": "weight-only int8 with per-channel scales (half the weight memory of bf16, "
+    "activations stay in --dtype, works on CPU and GPU)",
+    "fp8": "float8 e4m3 weights, multiplied on fp8 tensor cores with per-token fp8 "
+    "activations (needs an H100/H200-class GPU, compute capability 8.9+; elsewhere "
+    "the weights are dequantized on the fly: less memory, slower)",
+}
+#: what the KV budget leaves free on an accelerator beyond the profiled peak: CUDA
+#: graphs and the caching allocator's fragmentation are not in that peak
+DEFAULT_MEMORY_RESERVE_BYTES = 256 * 2**20
+
+
+def describe_choices(choices: Mapping[str, str]) -> str:
+    """``"a: what a is; b: what b is"``, for help texts that explain every choice."""
+    return "; ".join(f"{name}: {text}" for name, text in choices.items())
+
+
+def quantization_setting(name: str | None) -> str | None:
+    """The ``ModelConfig.quantization`` value of a ``--quantization`` choice
+    (``"none"`` is ``None``)."""
+    return None if name in (None, "none") else name
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -48,12 +77,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must name a model directory")
         _check(
-            self.attention_backend in ("auto", "triton", "torch"),
+            self.attention_backend in ATTENTION_BACKENDS,
             "attention_backend",
             f"must be 'auto', 'triton' or 'torch', got {self.attention_backend!r}",
         )
         _check(
-            self.quantization in (None, "int8", "fp8"),
+            self.quantization is None or self.quantization in QUANTIZATIONS.keys() - {"none"},
             "quantization",
             f"must be None, 'int8' or 'fp8', got {self.quantization!r}",
         )
@@ -75,8 +104,10 @@ class CacheConfig:
     """The paged KV cache.
 
     The budget is ``kv_cache_memory_bytes`` when given; otherwise, on an accelerator,
-    ``gpu_memory_utilization`` of its memory minus weights and activations; on CPU a
-    default of 1 GiB. ``num_blocks_override`` fixes the block count (tests).
+    ``gpu_memory_utilization`` of its memory minus the weights, the activation peak
+    of a profiled forward at the full token budget, ``memory_reserve_bytes`` and what
+    other processes use; on CPU a default of 1 GiB. ``num_blocks_override`` fixes
+    the block count (tests).
     """
 
     block_size: int = 16
@@ -84,6 +115,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None
+    #: accelerator memory kept out of the KV budget for CUDA graphs and fragmentation
+    memory_reserve_bytes: int = DEFAULT_MEMORY_RESERVE_BYTES
 
     def __post_init__(self) -> None:
         _check(
@@ -100,6 +133,11 @@ class CacheConfig:
             0 < self.gpu_memory_utilization <= 1,
             "gpu_memory_utilization",
             f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        _check(
+            self.memory_reserve_bytes >= 0,
+            "memory_reserve_bytes",
+            f"must be at least 0, got {self.memory_reserve_bytes}",
         )
         _check(
             self.num_blocks_override is None or self.num_blocks_override > 1,

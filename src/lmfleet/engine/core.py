@@ -14,7 +14,7 @@ from lmfleet.engine.config import EngineConfig
 from lmfleet.engine.kv import KVCacheManager
 from lmfleet.engine.outputs import EngineCoreOutput
 from lmfleet.engine.request import FinishReason, Request
-from lmfleet.engine.runner import ModelRunner
+from lmfleet.engine.runner import KVSizing, ModelRunner
 from lmfleet.engine.scheduler import Scheduler
 from lmfleet.engine.sim import SIM_PREFIX, SimRunner
 from lmfleet.errors import (
@@ -44,6 +44,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     asleep: bool = False
+    kv_sizing: KVSizing | None = None  # how a profiled KV budget was derived
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -54,7 +55,7 @@ def build_runner(config: EngineConfig, *, progress: bool = True) -> ModelRunner 
     """A real model runner, or the simulated accelerator for ``sim:PROFILE`` models."""
     if config.model.model.startswith(SIM_PREFIX):
         return SimRunner(config.model, config.cache, progress=progress)
-    return ModelRunner(config.model, config.cache, progress=progress)
+    return ModelRunner(config.model, config.cache, config.scheduler, progress=progress)
 
 
 class EngineCore:
@@ -153,6 +154,7 @@ class EngineCore:
             prompt_tokens_total=self.scheduler.num_prompt_tokens,
             generation_tokens_total=self.scheduler.num_generation_tokens,
             asleep=self.asleep,
+            kv_sizing=getattr(self.runner, "kv_sizing", None),
         )
 
     # ---- sleep / wake --------------------------------------------------------------

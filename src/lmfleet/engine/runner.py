@@ -3,24 +3,32 @@
 It owns the weights, the KV cache tensors and the per-request random generators.
 It turns a ``SchedulerOutput`` into one flat batch of tokens, runs the model, and
 samples a token for every request whose step reached the end of its known tokens.
+
+On an accelerator it also sizes the KV cache: after the weights are loaded it runs
+one dummy forward at the full token budget and gives the KV cache what is left of
+``gpu_memory_utilization`` once weights, that forward's activation peak, a reserve
+and other processes' memory are taken out (:class:`KVSizing`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from lmfleet.engine.config import CacheConfig, ModelConfig
+from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import Sampler, SamplingBatch
 from lmfleet.engine.layers.triton_attention import attention_backend
 from lmfleet.engine.models.loader import load_model
-from lmfleet.engine.outputs import RunnerOutput, SchedulerOutput
+from lmfleet.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lmfleet.engine.request import Request, SamplingParams
 from lmfleet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,12 +63,319 @@ class KVCacheLayout:
         return self.num_blocks * self.bytes_per_block
 
 
+# ---- KV cache sizing ------------------------------------------------------------------
+def kv_budget_bytes(
+    total: int,
+    utilization: float,
+    weights: int,
+    activation_peak: int,
+    reserve: int,
+    non_torch: int,
+) -> int:
+    """Bytes the KV cache may take: the engine's share of the device
+    (``total × utilization``) less everything else that must fit in it. Never
+    negative; a budget below two blocks is the caller's error to report."""
+    return max(int(total * utilization) - weights - activation_peak - reserve - non_torch, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class KVSizing:
+    """The numbers behind a profiled KV budget, kept for logs, stats and benchmarks.
+
+    ``weights_bytes`` is everything torch held once the model was loaded;
+    ``activation_peak_bytes`` what a forward at the full token budget added on top;
+    ``non_torch_bytes`` device memory outside torch's allocator (the CUDA context,
+    libraries, other processes).
+    """
+
+    total_bytes: int
+    gpu_memory_utilization: float
+    weights_bytes: int
+    activation_peak_bytes: int
+    reserve_bytes: int
+    non_torch_bytes: int
+    budget_bytes: int
+    bytes_per_block: int
+    num_blocks: int
+    profile_tokens: int
+    profile_seqs: int
+
+    def describe(self) -> str:
+        """One line with every term of the budget."""
+        return (
+            f"{_human(self.total_bytes)} total x {self.gpu_memory_utilization:g} "
+            f"- weights {_human(self.weights_bytes)} "
+            f"- activation peak {_human(self.activation_peak_bytes)} "
+            f"({self.profile_tokens} tokens in {self.profile_seqs} sequences) "
+            f"- reserve {_human(self.reserve_bytes)} "
+            f"- non-torch {_human(self.non_torch_bytes)} "
+            f"= KV budget {_human(self.budget_bytes)} "
+            f"= {self.num_blocks} blocks of {_human(self.bytes_per_block)}"
+        )
+
+
+def _human(num_bytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+class MemoryProbe(Protocol):
+    """What KV sizing reads from the device; a seam so that CPU tests can inject
+    made-up numbers while the real dummy forward still runs."""
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the device, all processes included."""
+        ...
+
+    def memory_allocated(self) -> int:
+        """Bytes this process's tensors occupy now."""
+        ...
+
+    def memory_reserved(self) -> int:
+        """Bytes torch's caching allocator holds (allocated plus cached)."""
+        ...
+
+    def peak_allocated_during(self, fn: Callable[[], object]) -> int:
+        """Run ``fn``; return the most bytes allocated at any point while it ran."""
+        ...
+
+
+class CudaMemoryProbe:
+    """:class:`MemoryProbe` over ``torch.cuda``'s allocator statistics."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info(self.device)
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def memory_reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def peak_allocated_during(self, fn: Callable[[], object]) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()  # the forward's cached blocks go back for the KV cache
+        return peak
+
+
+# ---- step inputs ---------------------------------------------------------------------
+def _aligned(offset: int) -> int:
+    """``offset`` rounded up to 16 bytes (two int64 slots), so every input starts where
+    the kernels' vectorised loads and Triton's pointer specialisation expect."""
+    return offset + (offset & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _PackLayout:
+    """Where each step input sits in the int64 staging buffer. The block table is
+    int32 (what the attention kernels read), two entries per int64 slot."""
+
+    num_tokens: int
+    num_seqs: int
+    num_samples: int
+    width: int  # blocks per block-table row
+
+    def _after(self, region: slice, length: int) -> slice:
+        start = _aligned(region.stop)
+        return slice(start, start + length)
+
+    @property
+    def ids(self) -> slice:
+        return slice(0, self.num_tokens)
+
+    @property
+    def positions(self) -> slice:
+        return self._after(self.ids, self.num_tokens)
+
+    @property
+    def slots(self) -> slice:
+        return self._after(self.positions, self.num_tokens)
+
+    @property
+    def query_start_loc(self) -> slice:
+        return self._after(self.slots, self.num_seqs + 1)
+
+    @property
+    def seq_lens(self) -> slice:
+        return self._after(self.query_start_loc, self.num_seqs)
+
+    @property
+    def sample_rows(self) -> slice:
+        return self._after(self.seq_lens, self.num_samples)
+
+    @property
+    def table_entries(self) -> int:
+        return self.num_seqs * self.width
+
+    @property
+    def table(self) -> slice:
+        return self._after(self.sample_rows, (self.table_entries + 1) // 2)
+
+    @property
+    def size(self) -> int:
+        return self.table.stop
+
+
+def pack_capacity(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
+    """int64 slots the largest step can need (every sequence samples)."""
+    return _PackLayout(max_tokens, max_seqs, max_seqs, max_blocks_per_seq).size
+
+
+class StagingBuffer:
+    """One int64 host buffer (pinned on CUDA) and its device twin, allocated once and
+    reused: a step's inputs are written on the host side and cross to the device in
+    a single asynchronous copy instead of one synchronous copy per tensor. On CPU
+    the two sides are one tensor and nothing is copied."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device = device
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._pending = False
+        self._allocate(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.host.numel()
+
+    def _allocate(self, capacity: int) -> None:
+        pin = self.device.type == "cuda"
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=pin)
+        self._host_np = self.host.numpy()
+        if self.device.type == "cpu":
+            self.dev = self.host
+        else:
+            self.dev = torch.empty(capacity, dtype=torch.int64, device=self.device)
+
+    def host_view(self, n: int) -> np.ndarray:
+        """The first ``n`` host slots, safe to overwrite: the previous copy out of
+        them has finished (usually long since; sampling synchronises every step)."""
+        if self._pending and self._event is not None:
+            self._event.synchronize()
+            self._pending = False
+        if n > self.capacity:
+            logger.debug("staging buffer grows from %d to %d slots", self.capacity, n)
+            self._allocate(max(n, 2 * self.capacity))
+        return self._host_np[:n]
+
+    def to_device(self, n: int) -> torch.Tensor:
+        """The first ``n`` slots on the device, queued as one non-blocking copy."""
+        if self.dev is self.host:
+            return self.host[:n]
+        dst = self.dev[:n]
+        dst.copy_(self.host[:n], non_blocking=True)
+        if self._event is not None:
+            self._event.record(torch.cuda.current_stream(self.device))
+            self._pending = True
+        return dst
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's device tensors: views into the staging buffer, valid until the
+    next step is prepared."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
+
+
+def _new_token_ids(request: Request, start: int, end: int) -> list[int]:
+    """Token ids ``start:end`` of the request's prompt followed by its outputs."""
+    n_prompt = request.num_prompt_tokens
+    if start >= n_prompt:
+        return request.output_token_ids[start - n_prompt : end - n_prompt]
+    if end <= n_prompt:
+        return request.prompt_token_ids[start:end]
+    return request.prompt_token_ids[start:] + request.output_token_ids[: end - n_prompt]
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """A step's inputs gathered from the requests, before they are packed."""
+
+    tokens: list[int]
+    block_ids: list[int]  # every sequence's block list, concatenated
+    start: np.ndarray  # (B,) int64: tokens computed before this step
+    count: np.ndarray  # (B,) int64: new tokens this step
+    num_blocks: np.ndarray  # (B,) int64: length of each block list
+    samples: np.ndarray  # (B,) bool
+
+    @classmethod
+    def gather(cls, sched: SchedulerOutput) -> _StepPlan:
+        """The one loop over requests: token ids and block ids live in per-request
+        Python lists; everything else is derived with numpy in :meth:`write`."""
+        tokens: list[int] = []
+        block_ids: list[int] = []
+        starts, counts, num_blocks, samples = [], [], [], []
+        for item in sched.scheduled:
+            start = item.request.num_computed_tokens
+            tokens += _new_token_ids(item.request, start, start + item.num_new_tokens)
+            block_ids += item.block_ids
+            starts.append(start)
+            counts.append(item.num_new_tokens)
+            num_blocks.append(len(item.block_ids))
+            samples.append(item.samples)
+        return cls(
+            tokens,
+            block_ids,
+            np.array(starts, dtype=np.int64),
+            np.array(counts, dtype=np.int64),
+            np.array(num_blocks, dtype=np.int64),
+            np.array(samples, dtype=bool),
+        )
+
+    def layout(self) -> _PackLayout:
+        num_samples = int(self.samples.sum())
+        return _PackLayout(
+            len(self.tokens), len(self.count), num_samples, int(self.num_blocks.max())
+        )
+
+    def write(self, buf: np.ndarray, lay: _PackLayout, bs: int) -> tuple[list[int], list[int]]:
+        """Fill ``buf`` (int64, ``lay.size``) with every input; returns the query start
+        offsets and sequence lengths as lists for the host side of the metadata."""
+        qsl = buf[lay.query_start_loc]  # (B + 1,)
+        qsl[0] = 0
+        np.cumsum(self.count, out=qsl[1:])
+        seq_lens = buf[lay.seq_lens]  # (B,)
+        np.add(self.start, self.count, out=seq_lens)
+        buf[lay.ids] = self.tokens
+        # token t of sequence i sits at position start_i + t - qsl_i
+        positions = buf[lay.positions]  # (T,)
+        offsets = np.repeat(self.start - qsl[:-1], self.count)  # (T,)
+        np.add(np.arange(lay.num_tokens, dtype=np.int64), offsets, out=positions)
+        table = buf[lay.table].view(np.int32)[: lay.table_entries].reshape(lay.num_seqs, -1)
+        table[:] = 0
+        table[np.arange(lay.width) < self.num_blocks[:, None]] = self.block_ids  # row by row
+        seq_of_token = np.repeat(np.arange(lay.num_seqs), self.count)  # (T,)
+        block_of_token = table[seq_of_token, positions // bs].astype(np.int64)  # (T,)
+        buf[lay.slots] = block_of_token * bs + positions % bs
+        buf[lay.sample_rows] = qsl[1:][self.samples] - 1
+        return qsl.tolist(), seq_lens.tolist()
+
+
 class ModelRunner:
     def __init__(
-        self, model_config: ModelConfig, cache_config: CacheConfig, *, progress: bool = True
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig | None = None,
+        *,
+        progress: bool = True,
+        memory_probe: MemoryProbe | None = None,
     ):
         self.model_config = model_config
         self.cache_config = cache_config
+        self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = torch.device(model_config.device)
         self.model_dir = model_config.model
         from lmfleet.engine.models.config import ArchConfig
@@ -85,21 +400,39 @@ class ModelRunner:
         self.sampler = Sampler(seed=model_config.seed, device=self.device)
         self.kv_caches: list[torch.Tensor] = []
         self.layout: KVCacheLayout | None = None
+        #: how the KV budget was derived, when it was profiled (accelerators only)
+        self.kv_sizing: KVSizing | None = None
+        if memory_probe is None and self.device.type == "cuda":
+            memory_probe = CudaMemoryProbe(self.device)
+        self.memory_probe = memory_probe
+        self._staging: StagingBuffer | None = None
         self._generators: dict[str, torch.Generator] = {}
         self.asleep = False
 
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence a step may hold (the rotary tables' length bounds it)."""
+        limit = self.arch.max_position_embeddings
+        return min(self.model_config.max_model_len or limit, limit)
+
     # ---- KV cache ------------------------------------------------------------------
     def plan_kv_cache(self) -> KVCacheLayout:
-        """How many blocks the KV budget buys."""
+        """How many blocks the KV budget buys. On an accelerator with no explicit
+        budget this profiles a forward first (see :meth:`profile_kv_sizing`)."""
         cfg = self.cache_config
         bytes_per_block = self.arch.kv_bytes_per_token(self.dtype) * self.block_size
         if cfg.num_blocks_override is not None:
             num_blocks = cfg.num_blocks_override
+        elif cfg.kv_cache_memory_bytes is not None:
+            num_blocks = cfg.kv_cache_memory_bytes // bytes_per_block
+        elif self.memory_probe is not None:
+            self.kv_sizing = self.profile_kv_sizing(self.memory_probe, bytes_per_block)
+            logger.info("KV cache sizing: %s", self.kv_sizing.describe())
+            num_blocks = self.kv_sizing.num_blocks
+            if num_blocks < 2:
+                raise ConfigError(_too_small_message(self.kv_sizing))
         else:
-            budget = cfg.kv_cache_memory_bytes
-            if budget is None:
-                budget = self._default_kv_budget()
-            num_blocks = budget // bytes_per_block
+            num_blocks = CPU_DEFAULT_KV_BYTES // bytes_per_block
         if num_blocks < 2:
             raise ConfigError(
                 f"kv_cache_memory_bytes: the KV budget holds {num_blocks} blocks of "
@@ -107,20 +440,76 @@ class ModelRunner:
             )
         return KVCacheLayout(num_blocks, self.block_size, bytes_per_block)
 
-    def _default_kv_budget(self) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            return max(int(total * self.cache_config.gpu_memory_utilization) - used, 0)
-        return CPU_DEFAULT_KV_BYTES
+    def profile_kv_sizing(self, probe: MemoryProbe, bytes_per_block: int) -> KVSizing:
+        """Measure weights, the activation peak of a dummy forward at the full token
+        budget, and memory outside torch; derive the KV budget from them.
 
-    def allocate_kv_cache(self, layout: KVCacheLayout) -> None:
+        Non-torch memory is read after the forward, so libraries that the first
+        forward loads (cuBLAS workspaces, Triton modules) are counted too.
+        """
+        weights = probe.memory_allocated()
+        sched = self._profile_schedule()
+        activation_peak = self._activation_peak(probe, sched)
+        free, total = probe.mem_get_info()
+        non_torch = max(total - free - probe.memory_reserved(), 0)
+        reserve = self.cache_config.memory_reserve_bytes
+        util = self.cache_config.gpu_memory_utilization
+        budget = kv_budget_bytes(total, util, weights, activation_peak, reserve, non_torch)
+        return KVSizing(
+            total_bytes=total,
+            gpu_memory_utilization=util,
+            weights_bytes=weights,
+            activation_peak_bytes=activation_peak,
+            reserve_bytes=reserve,
+            non_torch_bytes=non_torch,
+            budget_bytes=budget,
+            bytes_per_block=bytes_per_block,
+            num_blocks=budget // bytes_per_block,
+            profile_tokens=sched.num_batched_tokens,
+            profile_seqs=len(sched.scheduled),
+        )
+
+    def _profile_schedule(self) -> SchedulerOutput:
+        """The step that needs the most activation memory: ``max_num_batched_tokens``
+        prompt tokens over ``min(max_num_seqs, tokens)`` sequences (none longer than
+        ``max_seq_len``), every one sampling. All share the same few KV blocks."""
+        cfg = self.scheduler_config
+        num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        num_tokens = min(cfg.max_num_batched_tokens, num_seqs * self.max_seq_len)
+        base, extra = divmod(num_tokens, num_seqs)
+        params = SamplingParams(max_tokens=1)
+        scheduled = []
+        for i in range(num_seqs):
+            n = base + (i < extra)
+            request = Request(f"kv-profile-{i}", [0] * n, params)
+            scheduled.append(ScheduledRequest(request, n, list(range(-(-n // self.block_size)))))
+        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
+
+    @torch.inference_mode()
+    def _activation_peak(self, probe: MemoryProbe, sched: SchedulerOutput) -> int:
+        """Bytes the forward and logits of ``sched`` allocate at their peak, above
+        what was allocated before (weights and a scratch KV cache of a few blocks)."""
+        num_blocks = max(len(item.block_ids) for item in sched.scheduled)
+        saved, self.kv_caches = self.kv_caches, self._new_kv_caches(num_blocks, torch.zeros)
+        try:
+            baseline = probe.memory_allocated()
+            peak = probe.peak_allocated_during(lambda: self._logits(self._prepare(sched)))
+        finally:
+            self.kv_caches = saved
+        return max(peak - baseline, 0)
+
+    def _new_kv_caches(
+        self, num_blocks: int, factory: Callable[..., torch.Tensor] = torch.empty
+    ) -> list[torch.Tensor]:
         arch = self.arch
-        shape = (2, layout.num_blocks, layout.block_size, arch.num_key_value_heads, arch.head_dim)
-        self.kv_caches = [
-            torch.empty(shape, dtype=self.dtype, device=self.device)
+        shape = (2, num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
+        return [
+            factory(shape, dtype=self.dtype, device=self.device)
             for _ in range(arch.num_hidden_layers)
         ]
+
+    def allocate_kv_cache(self, layout: KVCacheLayout) -> None:
+        self.kv_caches = self._new_kv_caches(layout.num_blocks)
         self.layout = layout
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
@@ -137,12 +526,9 @@ class ModelRunner:
             self._generators.pop(rid, None)
         if sched.is_empty:
             return RunnerOutput()
-        input_ids, positions, meta, sample_rows = self._prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
-        if not sample_rows:
+        logits = self._logits(self._prepare(sched))  # (S, V)
+        if logits is None:
             return RunnerOutput()
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (S, V)
         sampling = [item for item in sched.scheduled if item.samples]
         requests = [it.request for it in sampling]
         batch = SamplingBatch.from_requests(requests, [self._generator(r) for r in requests])
@@ -155,51 +541,44 @@ class ModelRunner:
                 out.logprobs[rid] = lp
         return out
 
-    def _prepare(self, sched: SchedulerOutput):
-        bs = self.block_size
-        tokens: list[int] = []
-        pos_parts, slot_parts = [], []
-        qsl = [0]
-        seq_lens = []
-        sample_rows = []
-        max_blocks = max(len(it.block_ids) for it in sched.scheduled)
-        tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
-        for i, item in enumerate(sched.scheduled):
-            r = item.request
-            start = r.num_computed_tokens
-            end = start + item.num_new_tokens
-            n_prompt = r.num_prompt_tokens
-            if start >= n_prompt:
-                tokens.extend(r.output_token_ids[start - n_prompt : end - n_prompt])
-            elif end <= n_prompt:
-                tokens.extend(r.prompt_token_ids[start:end])
-            else:
-                tokens.extend(r.prompt_token_ids[start:])
-                tokens.extend(r.output_token_ids[: end - n_prompt])
-            pos = np.arange(start, end, dtype=np.int64)
-            table = np.asarray(item.block_ids, dtype=np.int64)
-            pos_parts.append(pos)
-            slot_parts.append(table[pos // bs] * bs + pos % bs)
-            tables[i, : len(item.block_ids)] = item.block_ids
-            qsl.append(qsl[-1] + item.num_new_tokens)
-            seq_lens.append(end)
-            if item.samples:
-                sample_rows.append(qsl[-1] - 1)
-        dev = self.device
+    def _logits(self, step: StepInputs) -> torch.Tensor | None:
+        """Run the model over the step; float32 logits (S, V) of the sampled rows,
+        or None when no request samples this step."""
+        # (T, hidden)
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+        if step.sample_rows.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, step.sample_rows))  # (S, V)
+
+    def _staging_buffer(self, needed: int) -> StagingBuffer:
+        if self._staging is None:
+            cfg = self.scheduler_config
+            max_blocks = -(-self.max_seq_len // self.block_size)
+            capacity = pack_capacity(cfg.max_num_batched_tokens, cfg.max_num_seqs, max_blocks)
+            self._staging = StagingBuffer(self.device, max(capacity, needed))
+        return self._staging
+
+    @torch.inference_mode()
+    def _prepare(self, sched: SchedulerOutput) -> StepInputs:
+        """Pack the step's inputs into the staging buffer and move them in one copy."""
+        step = _StepPlan.gather(sched)
+        lay = step.layout()
+        staging = self._staging_buffer(lay.size)
+        qsl, seq_lens = step.write(staging.host_view(lay.size), lay, self.block_size)
+        dev = staging.to_device(lay.size)
+        tables = dev[lay.table].view(torch.int32)[: lay.table_entries].view(lay.num_seqs, -1)
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
+            slot_mapping=dev[lay.slots],
+            query_start_loc=dev[lay.query_start_loc],
             query_start_loc_cpu=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            seq_lens=dev[lay.seq_lens],
             seq_lens_cpu=seq_lens,
-            block_tables=torch.from_numpy(tables).to(dev),
-            block_size=bs,
-            max_query_len=max(it.num_new_tokens for it in sched.scheduled),
+            block_tables=tables,
+            block_size=self.block_size,
+            max_query_len=int(step.count.max()),
             max_seq_len=max(seq_lens),
         )
-        input_ids = torch.tensor(tokens, dtype=torch.int64, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
-        return input_ids, positions, meta, sample_rows
+        return StepInputs(dev[lay.ids], dev[lay.positions], meta, dev[lay.sample_rows])
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -222,6 +601,7 @@ class ModelRunner:
             for b in self.model.buffers():
                 b.data = b.data.to("cpu")
         self.kv_caches = []
+        self._staging = None  # reallocated at the next step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -242,3 +622,14 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         self.asleep = False
         return time.perf_counter() - t0
+
+
+def _too_small_message(s: KVSizing) -> str:
+    """Why a profiled budget buys fewer than two blocks, and what to change."""
+    return (
+        f"gpu_memory_utilization: the KV cache gets {_human(s.budget_bytes)} but needs at "
+        f"least {_human(2 * s.bytes_per_block)} for 2 blocks ({s.describe()}). "
+        "Raise --gpu-memory-utilization, lower --max-num-batched-tokens or --max-num-seqs "
+        "(smaller activation peak), quantize the weights (--quantization int8 or fp8), "
+        "free the GPU from other processes, or set --kv-cache-memory explicitly"
+    )

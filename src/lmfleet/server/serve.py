@@ -23,6 +23,7 @@ from types import FrameType
 
 import uvicorn
 
+from lmfleet.cli import add_kernel_flags
 from lmfleet.server.lifecycle import ReplicaState
 from lmfleet.server.replica import Replica
 from lmfleet.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, parse_bytes
@@ -130,7 +131,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="fraction of accelerator memory the engine may use (default: %(default)s)",
+        help="fraction of accelerator memory the engine may use; the KV cache gets what is "
+        "left after the weights, the activation peak of a profiled forward at "
+        "--max-num-batched-tokens, a 256 MiB reserve and other processes' memory "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--enable-prefix-caching",
@@ -141,6 +145,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seed", type=int, default=0, help="seed of the shared sampler (default: %(default)s)"
     )
+    add_kernel_flags(g)
     g.add_argument(
         "--sim-time-scale",
         type=float,

@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields, replace
 
-from lmfleet.engine.config import SIM_PREFIX, EngineConfig, apply_env, engine_config
+from lmfleet.engine.config import (
+    SIM_PREFIX,
+    EngineConfig,
+    apply_env,
+    engine_config,
+    quantization_setting,
+)
 from lmfleet.errors import ConfigError
 
 #: request bodies larger than this get 413 (a 128k-token prompt is well under it)
@@ -40,6 +46,10 @@ class ServerSettings:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     seed: int = 0
+    #: paged-attention implementation: "auto", "triton" or "torch"
+    attention_backend: str = "auto"
+    #: weight quantization: None (or "none"), "int8" or "fp8"
+    quantization: str | None = None
     progress: bool = True
     #: ``sim:PROFILE`` models only: run the simulated accelerator this many times faster
     sim_time_scale: float | None = None
@@ -102,21 +112,24 @@ class ServerSettings:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def engine_config(self) -> EngineConfig:
-        cfg = engine_config(
-            self.model,
-            dtype=self.dtype,
-            device=self.resolved_device,
-            max_model_len=self.max_model_len,
-            seed=self.seed,
-            block_size=self.block_size,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            enable_prefix_caching=self.enable_prefix_caching,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            **({} if self.sim_time_scale is None else {"sim_time_scale": self.sim_time_scale}),
-            **self.extra_engine,
-        )
+        """The engine settings; ``extra_engine`` entries override the flat fields."""
+        flat: dict[str, object] = {
+            "dtype": self.dtype,
+            "device": self.resolved_device,
+            "max_model_len": self.max_model_len,
+            "seed": self.seed,
+            "attention_backend": self.attention_backend,
+            "quantization": quantization_setting(self.quantization),
+            "block_size": self.block_size,
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+        }
+        if self.sim_time_scale is not None:
+            flat["sim_time_scale"] = self.sim_time_scale
+        cfg = engine_config(self.model, **{**flat, **self.extra_engine})
         return replace(cfg, scheduler=apply_env(cfg.scheduler))
 
     @classmethod
