@@ -8,7 +8,11 @@ both sides:
 
 * overhead: for each ``--streams`` N (100 and 500), N workers in a closed loop,
   each sending a streaming completion (``--prompt-words`` random words,
-  ``--max-tokens`` tokens, ``ignore_eos``) as soon as its previous one has ended,
+  ``--max-tokens`` tokens, ``ignore_eos``) a random 0..``--think-ms`` after its
+  previous one has ended (without that pause, a worker's next request would reach
+  its replica at the same point of the engine's step cycle every time, and any
+  fixed delay, such as a gateway's, would shift which step it catches: TTFT would
+  measure that phase, not the delay),
   straight to the replicas (worker i always talks to replica i mod R) and through
   the gateway (least outstanding), ``--duration-s`` seconds per side. Worker starts
   are staggered evenly over the first ``--ramp-s`` seconds; the measuring window
@@ -54,7 +58,7 @@ saturated machine; ``cpu_utilization`` shows whether that held. At 1.0 (the
 8B-class speed) 500 streams make tens of thousands of tokens/s, more than the
 replicas alone can emit on 2 cores.
 
-    .venv/bin/python benchmarks/gateway.py              # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/gateway.py              # about 7 minutes on 2 cores
     .venv/bin/python benchmarks/gateway.py --streams 100 --repeats 1 --many 200 --sessions 16
 """
 
@@ -269,10 +273,13 @@ async def _closed_loop(
     async def worker(i: int) -> None:
         await _sleep_until(t0 + args.ramp_s * i / n)
         client = SSEClient(urls[i % len(urls)], timeout=args.request_timeout_s)
+        think = random.Random(i)
         try:
             while time.perf_counter() < t_close:
                 r = await client.post(COMPLETIONS, make_body(), window=window)
                 results.append(r)
+                # a random pause, so arrivals do not lock to the replicas' step clock
+                await asyncio.sleep(think.uniform(0, args.think_ms / 1000))
                 if r.error is not None:
                     await asyncio.sleep(0.1)  # no hot loop against a failing server
         finally:
@@ -484,11 +491,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=4, help="simulated replicas to start")
     p.add_argument("--streams", type=int, nargs="+", default=[100, 500], metavar="N",
                    help="overhead: concurrent streams (closed-loop workers), one run per N")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=int, default=3,
                    help="overhead: rounds per side and N (sides alternate which goes first)")  # fmt: skip
-    p.add_argument("--duration-s", type=float, default=12.0,
+    p.add_argument("--duration-s", type=float, default=15.0,
                    help="overhead: seconds per round and side, from the first worker's start "
                         "to the end of the measuring window")  # fmt: skip
+    p.add_argument("--think-ms", type=float, default=200.0,
+                   help="overhead: each worker pauses a random 0..THINK_MS between requests, "
+                        "so that arrivals do not lock to the replicas' engine steps")  # fmt: skip
     p.add_argument("--warmup-s", type=float, default=3.0,
                    help="overhead: the measuring window opens this long after the start "
                         "(at least --ramp-s)")  # fmt: skip

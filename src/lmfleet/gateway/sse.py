@@ -29,8 +29,6 @@ from typing import Any
 DONE = b"data: [DONE]\n\n"
 #: raw events kept unparsed per stream before they are read for their text
 LAZY_LIMIT = 256 * 1024
-_USAGE = (b'"usage":{', b'"usage": {')
-_ERROR = (b'"error":', b'"error" :')
 
 
 def _dumps(obj: Any) -> bytes:
@@ -103,11 +101,7 @@ class StreamTracker:
                 self.done = True
                 out.append(DONE)
                 continue
-            if (
-                self.t_first is not None
-                and self.resumed_tokens is None
-                and not (_has(data, _USAGE) or _has(data, _ERROR))
-            ):
+            if self.t_first is not None and self.resumed_tokens is None and not _special(data):
                 self._keep(data)
                 out.append(raw + b"\n\n")
                 continue
@@ -135,7 +129,7 @@ class StreamTracker:
     def _feed_fast(self, events: bytes) -> bytes | None:
         """The common case after the first token: every event is a plain ``data:``
         chunk without usage or error, relayed as it came. None: take the slow path."""
-        if _has(events, _USAGE) or _has(events, _ERROR) or b"[DONE]" in events:
+        if _special(events) or b"[DONE]" in events:
             return None
         kept: list[bytes] = []
         for raw in events.split(b"\n\n"):
@@ -266,5 +260,6 @@ class StreamTracker:
         return b"data: " + _dumps(obj) + b"\n\n"
 
 
-def _has(data: bytes, needles: tuple[bytes, ...]) -> bool:
-    return any(n in data for n in needles)
+def _special(data: bytes) -> bool:
+    """Does it carry a usage object or an error (compact or spaced JSON)?"""
+    return b'"usage":{' in data or b'"usage": {' in data or b'"error":' in data
