@@ -15,15 +15,11 @@ import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig, engine_config
 from lmfleet.engine.core import EngineCore
+from lmfleet.engine.kv_sizing import KVSizing, kv_budget_bytes
 from lmfleet.engine.outputs import ScheduledRequest, SchedulerOutput
 from lmfleet.engine.request import Request, SamplingParams
-from lmfleet.engine.runner import (
-    CPU_DEFAULT_KV_BYTES,
-    KVSizing,
-    ModelRunner,
-    StagingBuffer,
-    kv_budget_bytes,
-)
+from lmfleet.engine.runner import CPU_DEFAULT_KV_BYTES, ModelRunner
+from lmfleet.engine.step_inputs import StagingBuffer
 from lmfleet.errors import ConfigError
 
 MIB = 2**20

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from lmfleet.engine.config import EngineConfig
 from lmfleet.engine.kv import KVCacheManager
+from lmfleet.engine.kv_sizing import KVSizing
 from lmfleet.engine.outputs import EngineCoreOutput
 from lmfleet.engine.request import FinishReason, Request
-from lmfleet.engine.runner import KVSizing, ModelRunner
+from lmfleet.engine.runner import ModelRunner
 from lmfleet.engine.scheduler import Scheduler
 from lmfleet.engine.sim import SIM_PREFIX, SimRunner
 from lmfleet.errors import (

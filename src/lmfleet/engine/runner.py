@@ -16,12 +16,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-import numpy as np
 import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from lmfleet.engine.kv_sizing import (
+    CudaMemoryProbe,
+    KVSizing,
+    MemoryProbe,
+    human_bytes,
+    kv_budget_bytes,
+)
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import Sampler, SamplingBatch
@@ -29,6 +34,7 @@ from lmfleet.engine.layers.triton_attention import attention_backend
 from lmfleet.engine.models.loader import load_model
 from lmfleet.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from lmfleet.engine.request import Request, SamplingParams
+from lmfleet.engine.step_inputs import StagingBuffer, StepInputs, StepPlan, pack_capacity
 from lmfleet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -61,306 +67,6 @@ class KVCacheLayout:
     @property
     def num_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
-
-
-# ---- KV cache sizing ------------------------------------------------------------------
-def kv_budget_bytes(
-    total: int,
-    utilization: float,
-    weights: int,
-    activation_peak: int,
-    reserve: int,
-    non_torch: int,
-) -> int:
-    """Bytes the KV cache may take: the engine's share of the device
-    (``total × utilization``) less everything else that must fit in it. Never
-    negative; a budget below two blocks is the caller's error to report."""
-    return max(int(total * utilization) - weights - activation_peak - reserve - non_torch, 0)
-
-
-@dataclass(frozen=True, slots=True)
-class KVSizing:
-    """The numbers behind a profiled KV budget, kept for logs, stats and benchmarks.
-
-    ``weights_bytes`` is everything torch held once the model was loaded;
-    ``activation_peak_bytes`` what a forward at the full token budget added on top;
-    ``non_torch_bytes`` device memory outside torch's allocator (the CUDA context,
-    libraries, other processes).
-    """
-
-    total_bytes: int
-    gpu_memory_utilization: float
-    weights_bytes: int
-    activation_peak_bytes: int
-    reserve_bytes: int
-    non_torch_bytes: int
-    budget_bytes: int
-    bytes_per_block: int
-    num_blocks: int
-    profile_tokens: int
-    profile_seqs: int
-
-    def describe(self) -> str:
-        """One line with every term of the budget."""
-        return (
-            f"{_human(self.total_bytes)} total x {self.gpu_memory_utilization:g} "
-            f"- weights {_human(self.weights_bytes)} "
-            f"- activation peak {_human(self.activation_peak_bytes)} "
-            f"({self.profile_tokens} tokens in {self.profile_seqs} sequences) "
-            f"- reserve {_human(self.reserve_bytes)} "
-            f"- non-torch {_human(self.non_torch_bytes)} "
-            f"= KV budget {_human(self.budget_bytes)} "
-            f"= {self.num_blocks} blocks of {_human(self.bytes_per_block)}"
-        )
-
-
-def _human(num_bytes: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(num_bytes) >= size:
-            return f"{num_bytes / size:.2f} {unit}"
-    return f"{num_bytes} B"
-
-
-class MemoryProbe(Protocol):
-    """What KV sizing reads from the device; a seam so that CPU tests can inject
-    made-up numbers while the real dummy forward still runs."""
-
-    def mem_get_info(self) -> tuple[int, int]:
-        """(free, total) bytes of the device, all processes included."""
-        ...
-
-    def memory_allocated(self) -> int:
-        """Bytes this process's tensors occupy now."""
-        ...
-
-    def memory_reserved(self) -> int:
-        """Bytes torch's caching allocator holds (allocated plus cached)."""
-        ...
-
-    def peak_allocated_during(self, fn: Callable[[], object]) -> int:
-        """Run ``fn``; return the most bytes allocated at any point while it ran."""
-        ...
-
-
-class CudaMemoryProbe:
-    """:class:`MemoryProbe` over ``torch.cuda``'s allocator statistics."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def mem_get_info(self) -> tuple[int, int]:
-        return torch.cuda.mem_get_info(self.device)
-
-    def memory_allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device)
-
-    def memory_reserved(self) -> int:
-        return torch.cuda.memory_reserved(self.device)
-
-    def peak_allocated_during(self, fn: Callable[[], object]) -> int:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        fn()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        torch.cuda.empty_cache()  # the forward's cached blocks go back for the KV cache
-        return peak
-
-
-# ---- step inputs ---------------------------------------------------------------------
-def _aligned(offset: int) -> int:
-    """``offset`` rounded up to 16 bytes (two int64 slots), so every input starts where
-    the kernels' vectorised loads and Triton's pointer specialisation expect."""
-    return offset + (offset & 1)
-
-
-@dataclass(frozen=True, slots=True)
-class _PackLayout:
-    """Where each step input sits in the int64 staging buffer. The block table is
-    int32 (what the attention kernels read), two entries per int64 slot."""
-
-    num_tokens: int
-    num_seqs: int
-    num_samples: int
-    width: int  # blocks per block-table row
-
-    def _after(self, region: slice, length: int) -> slice:
-        start = _aligned(region.stop)
-        return slice(start, start + length)
-
-    @property
-    def ids(self) -> slice:
-        return slice(0, self.num_tokens)
-
-    @property
-    def positions(self) -> slice:
-        return self._after(self.ids, self.num_tokens)
-
-    @property
-    def slots(self) -> slice:
-        return self._after(self.positions, self.num_tokens)
-
-    @property
-    def query_start_loc(self) -> slice:
-        return self._after(self.slots, self.num_seqs + 1)
-
-    @property
-    def seq_lens(self) -> slice:
-        return self._after(self.query_start_loc, self.num_seqs)
-
-    @property
-    def sample_rows(self) -> slice:
-        return self._after(self.seq_lens, self.num_samples)
-
-    @property
-    def table_entries(self) -> int:
-        return self.num_seqs * self.width
-
-    @property
-    def table(self) -> slice:
-        return self._after(self.sample_rows, (self.table_entries + 1) // 2)
-
-    @property
-    def size(self) -> int:
-        return self.table.stop
-
-
-def pack_capacity(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
-    """int64 slots the largest step can need (every sequence samples)."""
-    return _PackLayout(max_tokens, max_seqs, max_seqs, max_blocks_per_seq).size
-
-
-class StagingBuffer:
-    """One int64 host buffer (pinned on CUDA) and its device twin, allocated once and
-    reused: a step's inputs are written on the host side and cross to the device in
-    a single asynchronous copy instead of one synchronous copy per tensor. On CPU
-    the two sides are one tensor and nothing is copied."""
-
-    def __init__(self, device: torch.device, capacity: int) -> None:
-        self.device = device
-        self._event = torch.cuda.Event() if device.type == "cuda" else None
-        self._pending = False
-        self._allocate(capacity)
-
-    @property
-    def capacity(self) -> int:
-        return self.host.numel()
-
-    def _allocate(self, capacity: int) -> None:
-        pin = self.device.type == "cuda"
-        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=pin)
-        self._host_np = self.host.numpy()
-        if self.device.type == "cpu":
-            self.dev = self.host
-        else:
-            self.dev = torch.empty(capacity, dtype=torch.int64, device=self.device)
-
-    def host_view(self, n: int) -> np.ndarray:
-        """The first ``n`` host slots, safe to overwrite: the previous copy out of
-        them has finished (usually long since; sampling synchronises every step)."""
-        if self._pending and self._event is not None:
-            self._event.synchronize()
-            self._pending = False
-        if n > self.capacity:
-            logger.debug("staging buffer grows from %d to %d slots", self.capacity, n)
-            self._allocate(max(n, 2 * self.capacity))
-        return self._host_np[:n]
-
-    def to_device(self, n: int) -> torch.Tensor:
-        """The first ``n`` slots on the device, queued as one non-blocking copy."""
-        if self.dev is self.host:
-            return self.host[:n]
-        dst = self.dev[:n]
-        dst.copy_(self.host[:n], non_blocking=True)
-        if self._event is not None:
-            self._event.record(torch.cuda.current_stream(self.device))
-            self._pending = True
-        return dst
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """One step's device tensors: views into the staging buffer, valid until the
-    next step is prepared."""
-
-    input_ids: torch.Tensor  # (T,) int64
-    positions: torch.Tensor  # (T,) int64
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
-
-
-def _new_token_ids(request: Request, start: int, end: int) -> list[int]:
-    """Token ids ``start:end`` of the request's prompt followed by its outputs."""
-    n_prompt = request.num_prompt_tokens
-    if start >= n_prompt:
-        return request.output_token_ids[start - n_prompt : end - n_prompt]
-    if end <= n_prompt:
-        return request.prompt_token_ids[start:end]
-    return request.prompt_token_ids[start:] + request.output_token_ids[: end - n_prompt]
-
-
-@dataclass(slots=True)
-class _StepPlan:
-    """A step's inputs gathered from the requests, before they are packed."""
-
-    tokens: list[int]
-    block_ids: list[int]  # every sequence's block list, concatenated
-    start: np.ndarray  # (B,) int64: tokens computed before this step
-    count: np.ndarray  # (B,) int64: new tokens this step
-    num_blocks: np.ndarray  # (B,) int64: length of each block list
-    samples: np.ndarray  # (B,) bool
-
-    @classmethod
-    def gather(cls, sched: SchedulerOutput) -> _StepPlan:
-        """The one loop over requests: token ids and block ids live in per-request
-        Python lists; everything else is derived with numpy in :meth:`write`."""
-        tokens: list[int] = []
-        block_ids: list[int] = []
-        starts, counts, num_blocks, samples = [], [], [], []
-        for item in sched.scheduled:
-            start = item.request.num_computed_tokens
-            tokens += _new_token_ids(item.request, start, start + item.num_new_tokens)
-            block_ids += item.block_ids
-            starts.append(start)
-            counts.append(item.num_new_tokens)
-            num_blocks.append(len(item.block_ids))
-            samples.append(item.samples)
-        return cls(
-            tokens,
-            block_ids,
-            np.array(starts, dtype=np.int64),
-            np.array(counts, dtype=np.int64),
-            np.array(num_blocks, dtype=np.int64),
-            np.array(samples, dtype=bool),
-        )
-
-    def layout(self) -> _PackLayout:
-        num_samples = int(self.samples.sum())
-        return _PackLayout(
-            len(self.tokens), len(self.count), num_samples, int(self.num_blocks.max())
-        )
-
-    def write(self, buf: np.ndarray, lay: _PackLayout, bs: int) -> tuple[list[int], list[int]]:
-        """Fill ``buf`` (int64, ``lay.size``) with every input; returns the query start
-        offsets and sequence lengths as lists for the host side of the metadata."""
-        qsl = buf[lay.query_start_loc]  # (B + 1,)
-        qsl[0] = 0
-        np.cumsum(self.count, out=qsl[1:])
-        seq_lens = buf[lay.seq_lens]  # (B,)
-        np.add(self.start, self.count, out=seq_lens)
-        buf[lay.ids] = self.tokens
-        # token t of sequence i sits at position start_i + t - qsl_i
-        positions = buf[lay.positions]  # (T,)
-        offsets = np.repeat(self.start - qsl[:-1], self.count)  # (T,)
-        np.add(np.arange(lay.num_tokens, dtype=np.int64), offsets, out=positions)
-        table = buf[lay.table].view(np.int32)[: lay.table_entries].reshape(lay.num_seqs, -1)
-        table[:] = 0
-        table[np.arange(lay.width) < self.num_blocks[:, None]] = self.block_ids  # row by row
-        seq_of_token = np.repeat(np.arange(lay.num_seqs), self.count)  # (T,)
-        block_of_token = table[seq_of_token, positions // bs].astype(np.int64)  # (T,)
-        buf[lay.slots] = block_of_token * bs + positions % bs
-        buf[lay.sample_rows] = qsl[1:][self.samples] - 1
-        return qsl.tolist(), seq_lens.tolist()
 
 
 class ModelRunner:
@@ -561,7 +267,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _prepare(self, sched: SchedulerOutput) -> StepInputs:
         """Pack the step's inputs into the staging buffer and move them in one copy."""
-        step = _StepPlan.gather(sched)
+        step = StepPlan.gather(sched)
         lay = step.layout()
         staging = self._staging_buffer(lay.size)
         qsl, seq_lens = step.write(staging.host_view(lay.size), lay, self.block_size)
@@ -627,8 +333,8 @@ class ModelRunner:
 def _too_small_message(s: KVSizing) -> str:
     """Why a profiled budget buys fewer than two blocks, and what to change."""
     return (
-        f"gpu_memory_utilization: the KV cache gets {_human(s.budget_bytes)} but needs at "
-        f"least {_human(2 * s.bytes_per_block)} for 2 blocks ({s.describe()}). "
+        f"gpu_memory_utilization: the KV cache gets {human_bytes(s.budget_bytes)} but needs at "
+        f"least {human_bytes(2 * s.bytes_per_block)} for 2 blocks ({s.describe()}). "
         "Raise --gpu-memory-utilization, lower --max-num-batched-tokens or --max-num-seqs "
         "(smaller activation peak), quantize the weights (--quantization int8 or fp8), "
         "free the GPU from other processes, or set --kv-cache-memory explicitly"
