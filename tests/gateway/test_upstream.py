@@ -261,3 +261,35 @@ def test_a_slow_reader_pauses_the_replica_and_loses_nothing():
         await _stop(server, pool)
 
     run(main())
+
+
+def test_idle_timeout_counts_from_the_last_bytes_not_from_each_read():
+    async def trickle_then_silence(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await _request_head(reader)
+        writer.write(_SSE_HEAD)
+        for _ in range(8):  # a chunk every 0.1 s: never idle for 0.3 s
+            writer.write(_chunked(b"data: x\n\n")[0])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await reader.read()  # then silence until the client gives up
+
+    async def main() -> None:
+        server, url = await _serve(trickle_then_silence)
+        pool = UpstreamPool()
+        resp = await pool.request(url, "/", b"{}", [], connect_timeout=5, head_timeout=5)
+        got = b""
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            while True:
+                chunk = await resp.next_chunk(0.3)
+                assert chunk is not None
+                got += chunk
+                last = loop.time()
+        assert got == b"data: x\n\n" * 8
+        assert 0.25 <= loop.time() - last < 1.0
+        resp.close()
+        await _stop(server, pool)
+
+    run(main())

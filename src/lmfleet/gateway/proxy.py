@@ -91,6 +91,8 @@ class Call:
     t_first: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: the response has begun (an error can no longer be sent as a status)
+    responded: bool = False
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -139,14 +141,7 @@ class Proxy:
         headers = _headers(scope)
         rid = headers.get("x-request-id") or uuid.uuid4().hex
         t0 = time.perf_counter()
-        started = False
         call: Call | None = None
-
-        async def tracked_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
             if scope["method"] != "POST":
                 raise GatewayError(405, f"{scope['method']} {scope['path']}: use POST")
@@ -157,9 +152,9 @@ class Proxy:
             await self._admit(call)
             try:
                 if call.stream:
-                    await self._stream(call, receive, tracked_send)
+                    await self._stream(call, receive, send)
                 else:
-                    await self._unary(call, tracked_send)
+                    await self._unary(call, send)
             finally:
                 call.version.queue.release()
         except Exception as exc:
@@ -170,7 +165,7 @@ class Proxy:
                 self._record(call, outcome=f"error_{err.status}", error=err.status >= 500)
             else:
                 self.state.metrics.rejected.labels(err.code or str(err.status)).inc()
-            if not started:
+            if call is None or not call.responded:
                 await send_error(send, err, {"x-request-id": rid})
 
     # ---- request preparation --------------------------------------------------------------
@@ -394,6 +389,7 @@ class Proxy:
         ctype = resp.headers.get("content-type", "application/json")
         if status == 200:
             self._account_json(call, body)
+        call.responded = True
         await send({
             "type": "http.response.start", "status": status,
             "headers": [
@@ -432,6 +428,7 @@ class Proxy:
                 replica.inflight -= 1
                 resp.close()
             raise _Passthrough(resp.status, body, {})
+        call.responded = True
         await send({
             "type": "http.response.start", "status": 200,
             "headers": [*_SSE_HEADERS, (VERSION_HEADER.encode(), call.version.name.encode()),

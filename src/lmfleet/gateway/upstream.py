@@ -87,6 +87,11 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._loop = asyncio.get_running_loop()
+        #: loop time of the last bytes received, and the idle limit of the current
+        #: read: one timer per idle period, not one per chunk
+        self.last_data = self._loop.time()
+        self._idle_timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -108,6 +113,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self.last_data = self._loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -153,17 +159,28 @@ class _Connection(asyncio.Protocol):
             w.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
-        """Until more arrives (or the connection fails); TimeoutError after ``timeout``."""
+        """Until more arrives (or the connection fails); TimeoutError once nothing has
+        arrived for ``timeout`` seconds."""
         w = self.waiter = self._loop.create_future()
-        timer = None
         if timeout is not None:
-            timer = self._loop.call_later(timeout, _expire, w)
+            self._idle_timeout = timeout
+            if self._timer is None:
+                self._timer = self._loop.call_at(self.last_data + timeout, self._check_idle)
         try:
             await w
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        w = self.waiter
+        if w is None or w.done():
+            return  # not reading now: the next wait arms a timer again
+        due = self.last_data + self._idle_timeout
+        if self._loop.time() >= due:
+            w.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(due, self._check_idle)
 
     def take(self) -> bytes:
         data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
@@ -176,13 +193,14 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.cancel_timer()
         if self.transport is not None:
             self.transport.close()
 
-
-def _expire(w: asyncio.Future[None]) -> None:
-    if not w.done():
-        w.set_exception(TimeoutError())
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class UpstreamResponse:
@@ -294,6 +312,7 @@ class UpstreamPool:
         if len(idle) >= self.max_idle_per_origin:
             conn.close()
             return
+        conn.cancel_timer()
         conn._reset()
         conn.idle_since = time.monotonic()
         idle.append(conn)
