@@ -181,6 +181,20 @@ def test_connection_refused_ejects_replica():
             assert info.last_error.startswith("connect:")
 
 
+def test_streams_reuse_upstream_connections():
+    a = FakeReplica("a")
+    with running(a) as (sa,), gateway(fleet({"v1": [sa.url]})) as (c, app):
+        ready(app)
+        for i in range(10):
+            text, _, _ = stream_text(
+                c, "/v1/completions", {"model": "m", "prompt": f"p{i}", "max_tokens": 4}
+            )
+            assert text
+        # polls and streams share keep-alive connections: a handful, not one per call
+        opened = metric(c, "lmfleet_gateway_upstream_connections_opened_total")
+        assert 1 <= opened <= 3
+
+
 def test_queue_depth_metric_while_replicas_at_cap():
     hold = threading.Event()
     a = FakeReplica("a", hold=hold)

@@ -3,7 +3,8 @@
 Per model and version: requests by outcome, TTFT, TPOT and end-to-end latency as
 the gateway's client sees them, prompt and completion tokens, queue depth (the
 autoscaler's signal: ``lmfleet_gateway_queue_depth{model,version}``) and queue
-wait, retries, stream resumes, shadow copies, replicas routable. Gauges of state
+wait, retries, stream resumes, shadow copies, replicas routable, connections opened
+to replicas. Gauges of state
 (queue depth, in-flight, replicas, weights) are read from the registry at scrape
 time, so the request path only touches counters and histograms.
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
@@ -82,6 +83,12 @@ class _StateCollector(Collector):
                 replicas.add_metric([*labels, "true"], n_up)
                 replicas.add_metric([*labels, "false"], len(v.replicas) - n_up)
         yield from (depth, inflight, capacity, weight, replicas, oldest)
+        if reg is not None and reg.pool is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_upstream_connections_opened",
+                "connections opened to replicas (keep-alive reuse keeps this low)",
+                value=reg.pool.opened,
+            )
 
 
 class GatewayMetrics:

@@ -150,6 +150,11 @@ class Registry:
         self.config = config
         self.apply_config(config)
 
+    @property
+    def pool(self) -> UpstreamPool | None:
+        """The connections to the replicas (set once polling has started)."""
+        return self._pool
+
     # ---- configuration ------------------------------------------------------------------
     def apply_config(self, config: FleetConfig) -> None:
         """Take a new fleet file: add and remove models and versions, set weights,
