@@ -7,7 +7,10 @@ Cancelling a consumer (a client that disconnects) aborts its request and frees i
 KV blocks at the next step.
 
 The narrow client interface (``start``, ``generate``, ``abort``, ``stats``, ``call``,
-``shutdown``) is all the server uses, so the core can later move to its own process.
+``shutdown``) is all the server uses. With ``engine_process=True`` the core runs in
+its own process instead (see :mod:`lmfleet.engine.core_process`) behind the same
+interface: the tokenizer and the output processor stay here, only token ids and
+``EngineCoreOutput``s cross the process boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from typing import Any, TypeVar
 
 from lmfleet.engine.config import EngineConfig
 from lmfleet.engine.core import EngineCore, EngineStats
+from lmfleet.engine.core_process import (
+    ABORT,
+    ABORT_ALL,
+    ADD,
+    CALL,
+    CoreProcessClient,
+    StepResult,
+)
 from lmfleet.engine.llm import load_tokenizer
 from lmfleet.engine.output_processor import OutputProcessor
 from lmfleet.engine.request import FinishReason, Request, RequestOutput, SamplingParams
@@ -37,10 +48,16 @@ _IDLE_WAIT_S = 0.5
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, *, progress: bool = True, engine_process: bool = False
+    ) -> None:
         self.config = config
         self._progress = progress
+        self.engine_process = engine_process
+        #: the core, in thread mode; None when it runs in its own process
         self.core: EngineCore | None = None
+        self._client: CoreProcessClient | None = None
+        self._eos_token_ids: frozenset[int] = frozenset()
         self.tokenizer: Tokenizer | None = None
         self._processor: OutputProcessor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,9 +72,12 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        """Load the model (in a worker thread, so the event loop keeps serving
-        health checks) and start the engine loop."""
+        """Load the model (in a worker thread or the core process, so the event loop
+        keeps serving health checks) and start the engine loop."""
         self._loop = asyncio.get_running_loop()
+        if self.engine_process:
+            await self._start_process()
+            return
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._run, name="lmfleet-engine", daemon=True)
         self._thread.start()
@@ -66,10 +86,28 @@ class AsyncEngine:
         self.core = EngineCore(self.config, progress=self._progress)
         self.tokenizer = load_tokenizer(self.core.model_dir)
         self._processor = OutputProcessor(self.tokenizer)
+        self._eos_token_ids = self.core.eos_token_ids
         self._stats = self.core.stats()
+
+    async def _start_process(self) -> None:
+        client = CoreProcessClient(
+            self.config, progress=self._progress, on_step=self._on_step, on_dead=self._on_dead
+        )
+        self._client = client
+        ready = await client.start()  # re-raises the child's load error
+        try:
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, ready.model_dir)
+        except BaseException:
+            await client.shutdown()
+            raise
+        self._processor = OutputProcessor(self.tokenizer)
+        self._eos_token_ids = ready.eos_token_ids
+        self._stats = ready.stats
 
     @property
     def ready(self) -> bool:
+        if self._client is not None:
+            return self._client.alive and self._processor is not None and self._dead is None
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     @property
@@ -79,6 +117,9 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self._client is not None:
+            await self._client.shutdown()
+            self._fail_all(EngineDead("the engine was shut down"), prefix=False)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
@@ -103,21 +144,20 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs as deltas. Raises a ``RequestRejected``
         subclass before the first output if the request cannot be served."""
-        core, processor = self._require_running()
+        processor = self._require_running()
         rid = request_id or self.new_request_id()
         if rid in self._queues:
             raise DuplicateRequestId(f"request id {rid!r} is already in flight")
         token_ids = self.encode(prompt)
         now = time.monotonic()
-        eos = (
-            self.tokenizer.eos_token_ids
-            if self.tokenizer
-            else core.eos_token_ids
-        )
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_token_ids
         request = Request(
             rid, token_ids, params, eos_token_ids=eos, priority=priority, arrival_time=now
         )
-        core.validate(request)  # reads only immutable limits: safe from this thread
+        if self.core is not None:
+            self.core.validate(request)  # reads only immutable limits: safe from this thread
+        # (in process mode the core validates on arrival; a rejection comes back on the
+        # request's queue and is raised below, still before the first output)
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[rid] = q
         processor.add_request(
@@ -128,7 +168,7 @@ class AsyncEngine:
             delta=True,
             prompt=prompt if isinstance(prompt, str) else None,
         )
-        self._send("add", request)
+        self._send(ADD, request)
         finished = False
         try:
             while True:
@@ -148,30 +188,40 @@ class AsyncEngine:
         self._queues.pop(request_id, None)
         if self._processor is not None:
             self._processor.drop(request_id)
-        self._send("abort", [request_id])
+        self._send(ABORT, [request_id])
 
     def abort_all(self, reason: FinishReason = FinishReason.ABORT) -> None:
         """End every request in flight; streams end with ``reason``."""
-        self._send("abort_all", reason)
+        self._send(ABORT_ALL, reason)
 
     def stats(self) -> EngineStats | None:
         return self._stats
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
-        """Run ``fn(core)`` on the engine thread between two steps."""
+        """Run ``fn(core)`` on the engine thread between two steps. In process mode
+        ``fn`` runs in the core process, so it must pickle (a module-level function)
+        and so must its result; an engine that dies meanwhile raises ``EngineDead``."""
+        if self._client is not None:
+            if self._dead is not None:
+                raise EngineDead(f"the engine loop stopped: {self._dead!r}")
+            return await self._client.call(fn)
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._send("call", (fn, fut))
+        self._send(CALL, (fn, fut))
         return await asyncio.wrap_future(fut)
 
     # ---- plumbing ------------------------------------------------------------------
-    def _require_running(self) -> tuple[EngineCore, OutputProcessor]:
+    def _require_running(self) -> OutputProcessor:
         if self._dead is not None:
             raise EngineDead(f"the engine loop stopped: {self._dead!r}")
-        if self.core is None or self._processor is None or self._thread is None:
+        started = self._client is not None or (self.core is not None and self._thread is not None)
+        if self._processor is None or not started:
             raise EngineDead("the engine is not started")
-        return self.core, self._processor
+        return self._processor
 
     def _send(self, kind: str, payload: Any) -> None:
+        if self._client is not None:
+            self._client.send(kind, payload)  # the same command kinds
+            return
         self._inbox.put((kind, payload))
         self._wake.set()
 
@@ -202,17 +252,17 @@ class AsyncEngine:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            if kind == ADD:
                 try:
                     core.add_request(payload)
                 except RequestRejected as exc:
                     self._post(self._fail_one, payload.request_id, exc)
-            elif kind == "abort":
+            elif kind == ABORT:
                 core.abort(payload)
-            elif kind == "abort_all":
+            elif kind == ABORT_ALL:
                 outputs = core.abort(list(core.scheduler.requests), payload)
                 self._post(self._dispatch, outputs)
-            elif kind == "call":
+            elif kind == CALL:
                 fn, fut = payload
                 try:
                     fut.set_result(fn(core))
@@ -230,7 +280,7 @@ class AsyncEngine:
             return
         processed = processor.process(outputs)
         if processed.to_abort:
-            self._send("abort", processed.to_abort)
+            self._send(ABORT, processed.to_abort)
         for out in processed.outputs:
             q = self._queues.get(out.request_id)
             if q is None:
@@ -246,8 +296,20 @@ class AsyncEngine:
         if q is not None:
             q.put_nowait(exc)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        dead = EngineDead(f"the engine loop stopped: {exc!r}")
+    def _fail_all(self, exc: BaseException, *, prefix: bool = True) -> None:
+        dead = EngineDead(f"the engine loop stopped: {exc!r}") if prefix else exc
         for q in self._queues.values():
             q.put_nowait(dead)
         self._queues.clear()
+
+    # ---- process mode: called on the event loop by the CoreProcessClient ----------------
+    def _on_step(self, msg: StepResult) -> None:
+        self._stats = msg.stats
+        for request_id, exc in msg.rejected:
+            self._fail_one(request_id, exc)
+        if msg.outputs:
+            self._dispatch(msg.outputs)
+
+    def _on_dead(self, exc: BaseException) -> None:
+        self._dead = exc
+        self._fail_all(exc)

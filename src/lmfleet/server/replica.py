@@ -184,7 +184,9 @@ class Replica:
         is logged, kept in :attr:`error` and stops the replica (exit code 1)."""
         st = self.settings
         try:
-            engine = AsyncEngine(st.engine_config(), progress=st.progress)
+            engine = AsyncEngine(
+                st.engine_config(), progress=st.progress, engine_process=st.engine_process
+            )
             self.engine = engine
             logger.info("loading %s (served as %s)", st.model, ", ".join(st.served_model_names))
             await engine.start()

@@ -147,6 +147,14 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     )
     add_kernel_flags(g)
     g.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine core in its own process, as vLLM V1 does: the step loop no "
+        "longer shares the GIL with HTTP handling and detokenization, which matters on a "
+        "GPU at high request rates; costs a second process and one pickle round trip "
+        "per engine step (default: off, the core runs in a background thread)",
+    )
+    g.add_argument(
         "--sim-time-scale",
         type=float,
         metavar="FACTOR",

@@ -51,6 +51,8 @@ class ServerSettings:
     #: weight quantization: None (or "none"), "int8" or "fp8"
     quantization: str | None = None
     progress: bool = True
+    #: run the engine core in its own process (not a thread of the server's)
+    engine_process: bool = False
     #: ``sim:PROFILE`` models only: run the simulated accelerator this many times faster
     sim_time_scale: float | None = None
     # admission and lifecycle
