@@ -117,3 +117,27 @@ def test_auth_over_http_in_openai_format():
             cfg = c.get("/admin/config", headers={"authorization": "Bearer adm"}).json()
             assert cfg["config"]["api_keys"][0]["key"] == "***"
             assert cfg["config"]["gateway"]["admin_token"] == "***"
+
+
+def test_replicas_get_their_own_key_never_the_clients():
+    fake = FakeReplica("a")
+    with ServerThread(fake.app()) as sa:
+        doc = fleet({"v1": [sa.url]}, gateway={"admin_token": "adm"})
+        doc["models"][0]["versions"][0]["api_key"] = "replica-key"
+        doc["api_keys"] = [{"name": "a", "key": "client-key"}]
+        server, app = gateway_thread(doc)
+        with server, httpx.Client(base_url=server.url) as c:
+            reg = app.state.gateway.registry
+            wait_for(lambda: reg.version("m", "v1").routable())
+            for stream in (False, True):
+                r = c.post(
+                    "/v1/completions", json={"model": "m", "prompt": "x", "stream": stream},
+                    headers={"authorization": "Bearer client-key"},
+                )  # fmt: skip
+                assert r.status_code == 200
+            assert [q["headers"].get("authorization") for q in fake.requests] == [
+                "Bearer replica-key"
+            ] * 2
+            admin = {"authorization": "Bearer adm"}
+            cfg = c.get("/admin/config", headers=admin).json()["config"]
+            assert cfg["models"][0]["versions"][0]["api_key"] == "***"

@@ -40,7 +40,7 @@ class SimReplica:
         self.log = open(tmp / f"replica-{self.port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmfleet.cli", "serve", MODEL, "--port", str(self.port),
-             "--host", "127.0.0.1", "--disable-uvicorn-access-log"],
+             "--host", "127.0.0.1", "--disable-uvicorn-access-log", "--api-key", REPLICA_KEY],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
 
@@ -83,11 +83,17 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SimRepli
             r.close()
 
 
-def _fleet(urls: list[str]) -> dict:
+#: the replicas run with --api-key: generation and /tokenize need it, the gateway sends it
+REPLICA_KEY = "replica-secret"
+
+
+def _fleet(urls: list[str], **version: str) -> dict:
+    version = version or {"api_key": REPLICA_KEY}
     return {
         "gateway": {"poll_interval_s": 0.1, "timeouts": {"idle_s": 5}},
         "models": [{"name": "m", "balancing": {"policy": "least_outstanding"},
-                    "versions": [{"name": "v1", "served_model_name": MODEL, "replicas": urls}]}],
+                    "versions": [{"name": "v1", "served_model_name": MODEL, "replicas": urls,
+                                  **version}]}],
     }  # fmt: skip
 
 
@@ -182,3 +188,21 @@ def test_openai_client_through_gateway(replicas):
         assert len(pieces) == 6
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="nope", prompt="hi")
+
+
+def test_replica_api_key_from_the_environment_and_without_it(replicas, monkeypatch):
+    alive = [r for r in replicas if r.proc.poll() is None]
+    body = {"model": "m", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+    monkeypatch.setenv("LMFLEET_TEST_REPLICA_KEY", REPLICA_KEY)
+    for version, status in (({"api_key_env": "LMFLEET_TEST_REPLICA_KEY"}, 200),
+                            ({"api_key": "wrong"}, 401)):  # fmt: skip
+        server, app = gateway_thread(_fleet([alive[0].url], **version))
+        reg = app.state.gateway.registry
+        with server, httpx.Client(base_url=server.url, timeout=30) as client:
+            wait_for(lambda reg=reg: len(reg.version("m", "v1").routable()) == 1, 10)
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == status, r.text
+            if status == 401:  # the replica's own answer, relayed
+                assert r.json()["error"]["code"] == "invalid_api_key"
+            masked = client.get("/admin/config").json()["config"]["models"][0]["versions"][0]
+            assert masked.get("api_key") in (None, "***")

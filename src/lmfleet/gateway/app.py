@@ -83,6 +83,10 @@ def _redacted(config: FleetConfig) -> dict[str, Any]:
             key["key"] = "***"
     if data["gateway"].get("admin_token"):
         data["gateway"]["admin_token"] = "***"
+    for model in data["models"]:
+        for version in model["versions"]:
+            if version.get("api_key"):
+                version["api_key"] = "***"
     return data
 
 

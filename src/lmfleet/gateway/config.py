@@ -67,6 +67,17 @@ class VersionConfig(_Section):
     replicas: list[str] = Field(default_factory=list)
     #: the model name the replicas serve, when it differs from the fleet's name
     served_model_name: str | None = None
+    #: the replicas' API key (their ``--api-key``), sent as ``Authorization: Bearer``
+    #: on generation and tokenize calls; or the environment variable holding it
+    api_key: str | None = None
+    api_key_env: str | None = None
+
+    def upstream_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
 
     @field_validator("weight")
     @classmethod

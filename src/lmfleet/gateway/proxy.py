@@ -304,7 +304,8 @@ class Proxy:
             async with asyncio.timeout(t.first_byte_s if call.stream else t.total_s):
                 resp = await self.state.upstream.request(
                     replica.url, path, body,
-                    [("content-type", "application/json"), ("x-request-id", call.rid)],
+                    [("content-type", "application/json"), ("x-request-id", call.rid),
+                     *call.version.upstream_headers],
                     connect_timeout=t.connect_s, head_timeout=None,
                 )  # fmt: skip
                 if not call.stream or resp.status in _RETRY_STATUSES:
@@ -556,6 +557,7 @@ class Proxy:
         body, sent_tokens = await resume.continuation(
             self.state.upstream, replica.url, call.payload, chat=call.chat,
             upstream_model=upstream_model, sent_text=tracker.text,
+            headers=version.upstream_headers,
             timeout=self.state.config.gateway.timeouts.total_s,
         )  # fmt: skip
         if call.chat and not tracker.sent_any:

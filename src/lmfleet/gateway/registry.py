@@ -105,6 +105,8 @@ class VersionEntry:
     balancer: Balancer
     queue: AdmissionQueue
     replicas: dict[str, ReplicaInfo] = field(default_factory=dict)
+    #: sent on every call to this version's replicas (the replicas' API key)
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
     #: set whenever a replica turns routable (resume waits on it)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -183,6 +185,9 @@ class Registry:
             name=vcfg.name,
             weight=vcfg.weight,
             served_model_name=vcfg.served_model_name,
+            upstream_headers=(
+                [("authorization", f"Bearer {key}")] if (key := vcfg.upstream_key()) else []
+            ),
             max_inflight=q.max_inflight_per_replica,
             balancer=(
                 old.balancer

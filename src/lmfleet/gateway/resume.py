@@ -18,6 +18,7 @@ tools) ends with an error event instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from lmfleet.gateway.upstream import UpstreamError, UpstreamPool
@@ -66,11 +67,13 @@ def max_new_tokens(payload: dict[str, Any], chat: bool) -> int | None:
 
 
 async def _tokenize(
-    pool: UpstreamPool, url: str, body: dict[str, Any], timeout: float
-) -> list[int]:
+    pool: UpstreamPool, url: str, body: dict[str, Any], timeout: float,
+    headers: list[tuple[str, str]],
+) -> list[int]:  # fmt: skip
     try:
         status, raw = await pool.fetch(url, "/tokenize", json.dumps(body).encode(),
-                                       timeout=timeout, connect_timeout=timeout)  # fmt: skip
+                                       timeout=timeout, connect_timeout=timeout,
+                                       headers=headers)  # fmt: skip
     except (UpstreamError, TimeoutError) as exc:
         raise CannotResume(f"/tokenize failed: {type(exc).__name__}") from None
     if status != 200:
@@ -93,6 +96,7 @@ async def continuation(
     upstream_model: str,
     sent_text: str,
     timeout: float,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> tuple[dict[str, Any] | None, int]:
     """The continuation's ``/v1/completions`` body and the number of tokens already
     sent. The body is None when no token is left to generate."""
@@ -105,13 +109,13 @@ async def continuation(
         for k in ("chat_template", "chat_template_kwargs", "tools"):
             if payload.get(k) is not None:
                 tok_req[k] = payload[k]
-        prompt_ids = await _tokenize(pool, replica_url, tok_req, timeout)
+        prompt_ids = await _tokenize(pool, replica_url, tok_req, timeout, list(headers))
     elif isinstance(payload["prompt"], str):
         prompt_ids = await _tokenize(
             pool, replica_url,
             {"model": upstream_model, "prompt": payload["prompt"],
              "add_special_tokens": payload.get("add_special_tokens", True)},
-            timeout,
+            timeout, list(headers),
         )  # fmt: skip
     else:
         prompt_ids = list(payload["prompt"])
@@ -120,7 +124,7 @@ async def continuation(
         generated = await _tokenize(
             pool, replica_url,
             {"model": upstream_model, "prompt": sent_text, "add_special_tokens": False},
-            timeout,
+            timeout, list(headers),
         )  # fmt: skip
     body: dict[str, Any] = {k: payload[k] for k in _CARRIED if k in payload}
     if not chat and payload.get("logprobs") is not None:

@@ -374,10 +374,11 @@ class UpstreamPool:
         method: str = "POST",
         timeout: float,
         connect_timeout: float | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ) -> tuple[int, bytes]:
         """A whole small exchange (status, body) within ``timeout``: polls and the
         resume's tokenize calls."""
-        headers = [("content-type", "application/json")] if body else []
+        headers = [*([("content-type", "application/json")] if body else []), *(headers or [])]
         async with asyncio.timeout(timeout):
             resp = await self.request(
                 base_url, path, body, headers, method=method,
