@@ -54,7 +54,9 @@ class SimLoad:
         return self.num_bytes / self.load_seconds if self.load_seconds > 0 else 0.0
 
 
-def sim_token(seed: int, position: int, context: tuple[int, ...], vocab_size: int, eos_p: float) -> int:
+def sim_token(
+    seed: int, position: int, context: tuple[int, ...], vocab_size: int, eos_p: float
+) -> int:
     """The token the simulated model emits after ``context`` at ``position``."""
     h = hash((seed, position, context)) & _MASK
     if eos_p > 0 and (h % 1_000_003) < eos_p * 1_000_003:
@@ -63,7 +65,9 @@ def sim_token(seed: int, position: int, context: tuple[int, ...], vocab_size: in
 
 
 class SimRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, progress: bool = True):
+    def __init__(
+        self, model_config: ModelConfig, cache_config: CacheConfig, *, progress: bool = True
+    ):
         name = model_config.model[len(SIM_PREFIX) :]
         self.profile: SimProfile = get_profile(name)
         self.time_scale = model_config.sim_time_scale
@@ -149,13 +153,21 @@ class SimRunner:
             eos_p = 0.0
         token = sim_token(seed, n, context, self.profile.vocab_size, eos_p)
         while token in params.stop_token_ids and len(r.output_token_ids) < params.min_tokens:
-            token = FIRST_WORD_ID + (token + 1 - FIRST_WORD_ID) % (self.profile.vocab_size - FIRST_WORD_ID)
+            token = FIRST_WORD_ID + (token + 1 - FIRST_WORD_ID) % (
+                self.profile.vocab_size - FIRST_WORD_ID
+            )
         return token
 
     def _pause(self, seconds: float, label: str | None) -> None:
         total = seconds / self.time_scale
         if label:
-            logger.info("%s: %.1f s (profile %s, time scale %g)", label, total, self.profile.name, self.time_scale)
+            logger.info(
+                "%s: %.1f s (profile %s, time scale %g)",
+                label,
+                total,
+                self.profile.name,
+                self.time_scale,
+            )
         end = time.perf_counter() + total
         while (left := end - time.perf_counter()) > 0:
             time.sleep(min(left, 1.0))
