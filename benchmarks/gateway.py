@@ -58,7 +58,7 @@ saturated machine; ``cpu_utilization`` shows whether that held. At 1.0 (the
 8B-class speed) 500 streams make tens of thousands of tokens/s, more than the
 replicas alone can emit on 2 cores.
 
-    .venv/bin/python benchmarks/gateway.py              # about 7 minutes on 2 cores
+    .venv/bin/python benchmarks/gateway.py              # about 10 minutes on 2 cores
     .venv/bin/python benchmarks/gateway.py --streams 100 --repeats 1 --many 200 --sessions 16
 """
 
@@ -510,7 +510,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="overhead and --many: random words per prompt")  # fmt: skip
     p.add_argument("--many", type=int, default=1000,
                    help="concurrent streams sent at once through the gateway (error check)")  # fmt: skip
-    p.add_argument("--sessions", type=int, default=32,
+    p.add_argument("--sessions", type=int, default=64,
                    help="affinity: multi-turn chat conversations per policy")  # fmt: skip
     p.add_argument("--turns", type=int, default=4, help="affinity: turns per conversation")
     p.add_argument("--prefix-words", type=int, default=6000,
