@@ -15,8 +15,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def started(model_dir, **kw) -> AsyncEngine:
-    engine = AsyncEngine(engine_config(str(model_dir), **kw), progress=False)
+async def started(model_dir, *, engine_process: bool = False, **kw) -> AsyncEngine:
+    engine = AsyncEngine(
+        engine_config(str(model_dir), **kw), progress=False, engine_process=engine_process
+    )
     await engine.start()
     return engine
 
@@ -49,9 +51,10 @@ def test_concurrent_streams_match_offline(tiny_model_dir):
         assert last.finished and last.finish_reason is FinishReason.LENGTH
 
 
-def test_cancelled_consumer_aborts_and_frees_blocks(tiny_model_dir):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
+def test_cancelled_consumer_aborts_and_frees_blocks(tiny_model_dir, engine_process):
     async def main():
-        engine = await started(tiny_model_dir)
+        engine = await started(tiny_model_dir, engine_process=engine_process)
         try:
             long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
             agen = engine.generate([5] * 40, long)

@@ -14,29 +14,14 @@ from lmfleet.engine.config import engine_config
 from lmfleet.engine.core import EngineCore
 from lmfleet.engine.request import FinishReason, SamplingParams
 from lmfleet.errors import EngineDead, InvalidSamplingParams, PromptTooLong, RequestRejected
+from tests.engine.test_async_engine import collect, run
+from tests.engine.test_async_engine import started as _started
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 async def started(model_dir, *, engine_process: bool = True, **kw) -> AsyncEngine:
-    engine = AsyncEngine(
-        engine_config(str(model_dir), **kw), progress=False, engine_process=engine_process
-    )
-    await engine.start()
-    return engine
-
-
-async def collect(engine, prompt, params, **kw):
-    text, toks, last = [], [], None
-    async for out in engine.generate(prompt, params, **kw):
-        text.append(out.text)
-        toks.extend(out.token_ids)
-        last = out
-    return "".join(text), toks, last
+    return await _started(model_dir, engine_process=engine_process, **kw)
 
 
 def _pid(engine: AsyncEngine) -> int:
@@ -99,36 +84,6 @@ def test_greedy_outputs_match_thread_mode_and_call_runs_in_child(tiny_model_dir)
     assert all(last.finish_reason is FinishReason.LENGTH for _, _, last in in_process)
     assert max_len_p == max_len and child_pid != os.getpid()
     assert stats is not None and stats.generation_tokens_total >= len(prompts) * 12
-
-
-def test_cancelled_consumer_aborts_and_frees_blocks(tiny_model_dir):
-    async def main():
-        engine = await started(tiny_model_dir)
-        try:
-            long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
-            agen = engine.generate([5] * 40, long)
-            got = 0
-            async for out in agen:
-                got += len(out.token_ids)
-                if got >= 5:
-                    break
-            await agen.aclose()
-            _, toks, _ = await collect(
-                engine, [7, 8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-            )
-            assert len(toks) == 4
-            for _ in range(100):
-                stats = engine.stats()
-                if stats.num_running == 0 and stats.num_free_blocks == stats.num_blocks:
-                    break
-                await asyncio.sleep(0.02)
-            return engine.stats()
-        finally:
-            await engine.shutdown()
-
-    stats = run(main())
-    assert stats.num_running == 0 and stats.num_waiting == 0
-    assert stats.num_free_blocks == stats.num_blocks
 
 
 def test_rejected_requests_raise_as_in_thread_mode(tiny_model_dir):
