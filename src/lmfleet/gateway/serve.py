@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import signal
 import socket
@@ -20,6 +19,7 @@ import uvicorn
 from lmfleet.errors import ConfigError
 from lmfleet.gateway.config import load_config
 from lmfleet.gateway.state import GatewayState
+from lmfleet.serving import uvicorn_http, uvicorn_loop
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ def run_gateway(args: argparse.Namespace) -> int:
         return 0
     state = GatewayState(config, config_path=args.config)
     app = build_app(config, config_path=args.config, state=state)
-    native = importlib.util.find_spec("uvloop") is not None
     uv_config = uvicorn.Config(
         app,
         host=args.host,
@@ -84,10 +83,8 @@ def run_gateway(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         lifespan="on",
         backlog=4096,
-        # uvloop + httptools when installed: C event loop and parser, several
-        # times cheaper per relayed chunk than asyncio + h11
-        loop="uvloop" if native else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        loop=uvicorn_loop(),
+        http=uvicorn_http(),
     )
     _ReloadingServer(uv_config, state, args.config).run()
     return 0

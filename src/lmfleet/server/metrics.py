@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from lmfleet.engine.core import EngineStats
 from lmfleet.engine.request import FinishReason, RequestOutput
+from lmfleet.serving import E2E_BUCKETS, TOKEN_GAP_BUCKETS, TTFT_BUCKETS
 
 __all__ = [
     "E2E_BUCKETS",
@@ -44,24 +45,6 @@ PREFIX = "lmfleet"
 LABELS = ("model", "version")
 REPLICA_STATES = ("starting", "ready", "draining", "asleep", "stopped")
 
-# Bucket upper bounds in seconds (+Inf is added by the client library).
-# Time to first token: a prefix-cache hit on a GPU answers in ~1 ms, a long prompt
-# queued behind a busy batch or a CPU replica can take a minute.
-TTFT_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
-    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
-)  # fmt: skip
-# Time per output token and inter-token gaps: ~1 ms (small model, fast GPU) to
-# seconds (CPU replica, or a gap stretched by a long prefill in the same batch).
-TOKEN_GAP_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
-    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-# Whole requests: tens of milliseconds to the ten minutes of a long generation.
-E2E_BUCKETS = (
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
-    30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
-)  # fmt: skip
 # Waiting before the first schedule: zero on an idle replica, minutes when saturated.
 QUEUE_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from lmfleet.cli import add_kernel_flags
 from lmfleet.server.lifecycle import ReplicaState
 from lmfleet.server.replica import Replica
 from lmfleet.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, parse_bytes
+from lmfleet.serving import uvicorn_http, uvicorn_loop
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +236,6 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self.replica.start_drain)
 
 
-def _fastest(native: str, fallback: str) -> str:
-    """``native`` (uvloop, httptools: C implementations, several times cheaper per
-    streamed token than the pure-Python defaults) when it is installed."""
-    return native if importlib.util.find_spec(native) is not None else fallback
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from lmfleet.server.app import build_app
 
@@ -263,8 +257,8 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
         lifespan="on",
-        loop=_fastest("uvloop", "asyncio"),
-        http=_fastest("httptools", "h11"),
+        loop=uvicorn_loop(),
+        http=uvicorn_http(),
     )
     server = DrainingServer(config, replica)
 
