@@ -456,11 +456,17 @@ def _usage(gen: Generation) -> Usage:
     )
 
 
-class _ChatFormat:
-    def __init__(self, rid: str, model: str, tok: Tokenizer, gen: Generation) -> None:
-        self.rid, self.model, self.tok, self.gen = rid, model, tok, gen
-        self.created = int(time.time())
-        self._head = _chunk_head(rid, "chat.completion.chunk", self.created, model)
+class _StreamFormat:
+    """What both stream formats share: one delta's event from a template."""
+
+    _head: str
+
+    def chunk(self, choice: Choice, out: RequestOutput) -> BaseModel | None:
+        raise NotImplementedError
+
+    def _content(self, out: RequestOutput) -> str:
+        """The choice's content field, e.g. ``"text":"..."``."""
+        raise NotImplementedError
 
     def sse(self, choice: Choice, out: RequestOutput) -> str | None:
         """The event of one delta: :meth:`chunk` serialized, from a template unless
@@ -470,11 +476,21 @@ class _ChatFormat:
             return None if chunk is None else _sse(chunk)
         if not out.text and not out.finished:
             return None
-        delta = f'{{"content":{json.dumps(out.text)}}}' if out.text else "{}"
         return (
-            f'{self._head}{choice.index},"delta":{delta},"logprobs":null,{_finish(out)}'
+            f'{self._head}{choice.index},{self._content(out)},"logprobs":null,{_finish(out)}'
             '}],"usage":null,"system_fingerprint":null}\n\n'
         )
+
+
+class _ChatFormat(_StreamFormat):
+    def __init__(self, rid: str, model: str, tok: Tokenizer, gen: Generation) -> None:
+        self.rid, self.model, self.tok, self.gen = rid, model, tok, gen
+        self.created = int(time.time())
+        self._head = _chunk_head(rid, "chat.completion.chunk", self.created, model)
+
+    def _content(self, out: RequestOutput) -> str:
+        delta = f'{{"content":{json.dumps(out.text)}}}' if out.text else "{}"
+        return f'"delta":{delta}'
 
     def _logprobs(self, items: Sequence[TokenLogprobs] | None) -> ChoiceLogprobs | None:
         if items is None:
@@ -547,7 +563,7 @@ class _ChatFormat:
         )
 
 
-class _CompletionFormat:
+class _CompletionFormat(_StreamFormat):
     def __init__(
         self, rid: str, model: str, tok: Tokenizer, gen: Generation, echo: list[str] | None
     ) -> None:
@@ -556,18 +572,8 @@ class _CompletionFormat:
         self.created = int(time.time())
         self._head = _chunk_head(rid, "text_completion", self.created, model)
 
-    def sse(self, choice: Choice, out: RequestOutput) -> str | None:
-        """The event of one delta: :meth:`chunk` serialized, from a template unless
-        it carries logprobs."""
-        if out.logprobs:
-            chunk = self.chunk(choice, out)
-            return None if chunk is None else _sse(chunk)
-        if not out.text and not out.finished:
-            return None
-        return (
-            f'{self._head}{choice.index},"text":{json.dumps(out.text)},"logprobs":null,'
-            f'{_finish(out)}}}],"usage":null,"system_fingerprint":null}}\n\n'
-        )
+    def _content(self, out: RequestOutput) -> str:
+        return f'"text":{json.dumps(out.text)}'
 
     def _prefix(self, choice: Choice) -> str:
         return self.echo[choice.job.prompt_index] if self.echo is not None else ""
