@@ -27,25 +27,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         f"{DEFAULT_MODEL_DIR}.",
     )
     g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight and activation dtype; auto = float32 on CPU, the checkpoint's half "
-        "type on a GPU (default: %(default)s)",
-    )
-    g.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)"
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        help="context length; default: the model's max_position_embeddings",
-    )
-    g.add_argument(
-        "--block-size",
-        type=int,
-        default=16,
-        help="tokens per KV cache block (default: %(default)s)",
     )
     g.add_argument(
         "--kv-cache-memory",
@@ -55,19 +37,32 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-utilization leaves)",
     )
     g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of accelerator memory the engine may use; the KV cache gets what is "
-        "left after the weights, the activation peak of a profiled forward at "
-        "--max-num-batched-tokens, a 256 MiB reserve and other processes' memory "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",
         help="turn prefix caching off (on by default)",
+    )
+    add_shared_engine_flags(g)
+
+
+def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
+    """The engine flags ``lmfleet generate`` and ``lmfleet serve`` share, with the
+    same defaults (``--device``, ``--kv-cache-memory`` and the prefix-caching switch
+    differ between them and stay with each). argparse checks the choices, so a typo
+    fails before any weights load."""
+    from lmfleet.engine.config import ATTENTION_BACKENDS, QUANTIZATIONS, describe_choices
+
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype; auto = float32 on CPU, the checkpoint's half "
+        "type on a GPU (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length (default: the model's max_position_embeddings)",
     )
     g.add_argument(
         "--max-num-seqs",
@@ -79,22 +74,23 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         type=int,
         default=2048,
-        help="token budget of one engine step (default: %(default)s)",
+        help="token budget of one engine step; env MAX_NUM_BATCHED_TOKENS (default: %(default)s)",
     )
     g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the shared sampler generator (default: %(default)s)",
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
     )
-    add_kernel_flags(g)
-
-
-def add_kernel_flags(g: argparse._ArgumentGroup) -> None:
-    """``--attention-backend`` and ``--quantization``, shared with ``lmfleet serve``.
-    argparse checks the choices, so a typo fails before any weights load."""
-    from lmfleet.engine.config import ATTENTION_BACKENDS, QUANTIZATIONS, describe_choices
-
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of accelerator memory the engine may use; the KV cache gets what is "
+        "left after the weights, the activation peak of a profiled forward at "
+        "--max-num-batched-tokens, a 256 MiB reserve and other processes' memory "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the shared sampler (default: %(default)s)"
+    )
     g.add_argument(
         "--attention-backend",
         default="auto",

@@ -22,7 +22,7 @@ from types import FrameType
 
 import uvicorn
 
-from lmfleet.cli import add_kernel_flags
+from lmfleet.cli import add_shared_engine_flags
 from lmfleet.server.lifecycle import ReplicaState
 from lmfleet.server.replica import Replica
 from lmfleet.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, parse_bytes
@@ -92,32 +92,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight and activation dtype; auto = float32 on CPU, the checkpoint's half "
-        "type on a GPU (default: %(default)s)",
-    )
-    g.add_argument(
         "--device",
         default="auto",
         help="torch device: auto (cuda when available), cpu, cuda:0 ... (default: %(default)s)",
-    )
-    g.add_argument("--max-model-len", type=int, help="context length (default: the model's own)")
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=256,
-        help="most sequences in one batch; env MAX_BATCH_SIZE (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one engine step; env MAX_NUM_BATCHED_TOKENS (default: %(default)s)",
-    )
-    g.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
     )
     g.add_argument(
         "--kv-cache-memory",
@@ -128,24 +105,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-utilization leaves)",
     )
     g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of accelerator memory the engine may use; the KV cache gets what is "
-        "left after the weights, the activation peak of a profiled forward at "
-        "--max-num-batched-tokens, a 256 MiB reserve and other processes' memory "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="reuse the KV cache of shared prompt prefixes (default: on)",
     )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seed of the shared sampler (default: %(default)s)"
-    )
-    add_kernel_flags(g)
+    add_shared_engine_flags(g)
     g.add_argument(
         "--engine-process",
         action="store_true",
