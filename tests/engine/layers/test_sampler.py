@@ -3,9 +3,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+from lmfleet.engine.layers import sampler as sampler_module
 from lmfleet.engine.layers.sampler import (
     Sampler,
     SamplingBatch,
@@ -13,6 +16,7 @@ from lmfleet.engine.layers.sampler import (
     blocked_token_ids,
 )
 from lmfleet.engine.request import Request, SamplingParams
+from lmfleet.engine.step_inputs import StagingBuffer
 
 
 def make_batch(
@@ -356,3 +360,333 @@ def test_rows_without_logprobs_get_none() -> None:
 def test_logits_shape_must_match_batch() -> None:
     with pytest.raises(ValueError, match="B = 2"):
         Sampler()(torch.zeros(3, 8), make_batch([SamplingParams()] * 2))
+
+
+# --- one staging copy, one read-back --------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+MIX_VOCAB = 64
+# (params, prompt, output, blocked): every step of the sampler in one batch
+MIXED_ROWS: list[tuple[SamplingParams, list[int], list[int], tuple[int, ...]]] = [
+    (SamplingParams(temperature=0.0), [1, 2], [], (7, 70)),
+    (SamplingParams(temperature=0.0, frequency_penalty=0.7, logprobs=3), [5], [9, 9, 4], ()),
+    (SamplingParams(temperature=0.7), [3], [8], ()),
+    (SamplingParams(temperature=1.0, top_k=5, seed=11), [], [], ()),
+    (SamplingParams(temperature=1.2, top_p=0.8, logprobs=2), [0, 1], [], ()),
+    (SamplingParams(temperature=0.9, min_p=0.1, seed=12), [], [2], (3, 4, 5)),
+    (
+        SamplingParams(
+            temperature=1.0,
+            top_k=10,
+            top_p=0.9,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            frequency_penalty=0.2,
+        ),
+        [6, 7, 8, 6],
+        [10, 10, 11],
+        (),
+    ),
+    (SamplingParams(temperature=0.8, top_k=3, min_p=0.2, logprobs=0, seed=13), [], [], (0,)),
+    (SamplingParams(temperature=1e-3, repetition_penalty=0.5, seed=14), [12, 13], [], ()),
+    (SamplingParams(temperature=0.0, repetition_penalty=2.0), [20, 21, 22], [23], (1,)),
+    (SamplingParams(temperature=1.5), [], [], ()),
+    (SamplingParams(temperature=1.0, min_p=0.5, seed=15), [], [], ()),
+]
+#: logits that make blocking and min-p decide the token: (row, token) -> logit
+MIXED_OVERRIDES = {(0, 7): 10.0, (5, 3): 8.0, (7, 0): 8.0, (9, 1): 10.0, (11, 40): 3.0}
+
+
+def mixed_batch(device: str) -> tuple[torch.Tensor, SamplingBatch]:
+    logits = torch.randn(len(MIXED_ROWS), MIX_VOCAB, generator=seeded(21)) * 2
+    logits[11] *= 0.05  # min-p 0.5 keeps only token 40, which has p ~ 0.24
+    for (row, token), value in MIXED_OVERRIDES.items():
+        logits[row, token] = value
+    gens = [
+        None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed)
+        for p, *_ in MIXED_ROWS
+    ]
+    batch = make_batch(
+        [p for p, *_ in MIXED_ROWS],
+        prompts=[list(prompt) for _, prompt, _, _ in MIXED_ROWS],
+        outputs=[list(out) for _, _, out, _ in MIXED_ROWS],
+        blocked=[blocked for *_, blocked in MIXED_ROWS],
+        generators=gens,
+    )
+    return logits.to(device), batch
+
+
+def second_largest_gap(x: torch.Tensor) -> float:
+    top2 = x.topk(2).values
+    return (top2[0] - top2[1]).item()
+
+
+def reference_tokens(logits: torch.Tensor, batch: SamplingBatch, sampler_seed: int) -> list[int]:
+    """Row by row, in float64, following the module docstring; the noise is drawn as
+    documented (unseeded rows: one (n, V) draw from the sampler's generator, in row
+    order; seeded rows: one (V,) draw from their own). Asserts every decision has a
+    margin that float32 rounding cannot cross."""
+    device, vocab = logits.device, logits.shape[1]
+    shared_gen = torch.Generator(device=device).manual_seed(sampler_seed)
+    unseeded = [i for i, p in enumerate(batch.params) if p.temperature >= 1e-5 and p.seed is None]
+    shared = torch.empty((len(unseeded), vocab), device=device).exponential_(generator=shared_gen)
+    tokens = []
+    for i, p in enumerate(batch.params):
+        x = logits[i].double().cpu()
+        for t in batch.blocked_token_ids[i]:
+            if t < vocab:
+                x[t] = -math.inf
+        for t in set(batch.prompt_token_ids[i]) | set(batch.output_token_ids[i]):
+            r = p.repetition_penalty
+            x[t] = x[t] / r if x[t] > 0 else x[t] * r
+        for t, c in Counter(batch.output_token_ids[i]).items():
+            x[t] -= p.presence_penalty + p.frequency_penalty * c
+        if p.temperature < 1e-5:
+            assert second_largest_gap(x) > 1e-3
+            tokens.append(int(x.argmax()))
+            continue
+        probs = (x / p.temperature).softmax(dim=-1)
+        order = probs.argsort(descending=True).tolist()
+        keep = order[: p.top_k] if p.top_k > 0 else order
+        mass = probs[keep] / probs[keep].sum()
+        if p.top_p < 1.0:
+            before = mass.cumsum(dim=0) - mass
+            assert (before - p.top_p).abs().min() > 1e-4
+            keep = [t for t, b in zip(keep, before.tolist(), strict=True) if b < p.top_p]
+        kept = torch.zeros(vocab, dtype=torch.float64)
+        kept[keep] = probs[keep] / probs[keep].sum()
+        if p.min_p > 0.0:
+            threshold = kept.max() * p.min_p
+            assert (kept[keep] - threshold).abs().min() > 1e-6
+            kept[kept < threshold] = 0.0
+        if p.seed is None:
+            noise = shared[unseeded.index(i)]
+        else:
+            gen = torch.Generator(device=device).manual_seed(p.seed)
+            noise = torch.empty(vocab, device=device).exponential_(generator=gen)
+        score = kept / noise.double().cpu()
+        assert second_largest_gap(score) > 1e-3 * score.max().item()
+        tokens.append(int(score.argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_matches_row_by_row_reference(device: str) -> None:
+    logits, batch = mixed_batch(device)
+    out = Sampler(seed=31, device=device)(logits, batch)
+    assert out.token_ids == reference_tokens(logits, batch, sampler_seed=31)
+
+    raw = logits.double().cpu().log_softmax(dim=-1)
+    for row, (params, lp) in enumerate(zip(batch.params, out.logprobs, strict=True)):
+        if params.logprobs is None:
+            assert lp is None
+            continue
+        assert lp is not None
+        tok = out.token_ids[row]
+        assert lp.sampled.token_id == tok
+        assert lp.sampled.logprob == pytest.approx(raw[row, tok].item(), abs=1e-5)
+        assert lp.sampled.rank == 1 + int((raw[row] > raw[row, tok]).sum())
+        values, ids = raw[row].topk(params.logprobs)
+        assert [x.token_id for x in lp.top] == ids.tolist()
+        assert [x.logprob for x in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
+        assert [x.rank for x in lp.top] == list(range(1, params.logprobs + 1))
+
+
+def test_mixed_batch_is_reproducible_across_calls() -> None:
+    """The reused buffers carry nothing from one call to the next."""
+    logits, batch = mixed_batch("cpu")
+    first = Sampler(seed=31)(logits, batch)
+    sampler = Sampler(seed=31)
+    sampler(torch.randn(3, 200), make_batch([SamplingParams(top_k=4, logprobs=2)] * 3))
+    sampler.generator.manual_seed(31)
+    _, batch = mixed_batch("cpu")  # fresh per-request generators
+    assert sampler(logits, batch) == first
+
+
+#: what must not run while the sampler queues its work: each one reads device values
+#: on the host or copies host values to the device synchronously
+HOST_SYNCS = {
+    "tensor",
+    "as_tensor",
+    "from_numpy",
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+}
+
+
+class SyncAudit(TorchFunctionMode):
+    """Records torch calls that would sync on CUDA: :data:`HOST_SYNCS`, ``.to`` a
+    device, and indexing with host lists, arrays or boolean masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
+        if not self.paused:
+            if name in HOST_SYNCS:
+                self.found.append(name)
+            elif name in ("__getitem__", "__setitem__") and self._host_index(args[1]):
+                self.found.append(f"{name}[host index]")
+            elif name == "to" and any(
+                isinstance(a, str | torch.device) for a in (*args[1:], *kwargs.values())
+            ):
+                self.found.append("to(device)")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _host_index(index: object) -> bool:
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(
+            isinstance(x, list | np.ndarray)
+            or (isinstance(x, torch.Tensor) and x.dtype == torch.bool)
+            for x in parts
+        )
+
+
+@pytest.fixture
+def audited(monkeypatch: pytest.MonkeyPatch) -> tuple[SyncAudit, Counter[str]]:
+    """A SyncAudit that pauses inside the read-back, and counts of staging copies and
+    read-backs."""
+    audit, calls = SyncAudit(), Counter[str]()
+    to_device, fetch = StagingBuffer.to_device, sampler_module._ReadBack.fetch
+
+    def counted_to_device(self: StagingBuffer, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        calls["to_device"] += 1
+        return to_device(self, *args, **kwargs)
+
+    def counted_fetch(self: sampler_module._ReadBack, values: torch.Tensor) -> np.ndarray:
+        calls["fetch"] += 1
+        audit.paused = True
+        try:
+            return fetch(self, values)
+        finally:
+            audit.paused = False
+
+    monkeypatch.setattr(StagingBuffer, "to_device", counted_to_device)
+    monkeypatch.setattr(sampler_module._ReadBack, "fetch", counted_fetch)
+    return audit, calls
+
+
+def test_audit_catches_host_syncs() -> None:
+    with SyncAudit() as audit:
+        x = torch.zeros(3, 4)
+        x[[0, 1]] = torch.tensor(1.0)
+        bool(x.sum() > 0)
+        x.to("cpu")
+    assert audit.found == ["tensor", "__setitem__[host index]", "__bool__", "to(device)"]
+
+
+def test_call_stages_once_and_reads_back_once(audited) -> None:  # type: ignore[no-untyped-def]
+    audit, calls = audited
+    logits, batch = mixed_batch("cpu")
+    sampler = Sampler(seed=31)
+    sampler(logits, batch)  # allocates the reused buffers
+    calls.clear()
+    _, batch = mixed_batch("cpu")  # fresh per-request generators
+    sampler.generator.manual_seed(31)
+    with audit:
+        out = sampler(logits, batch)
+    assert audit.found == []
+    assert calls == {"to_device": 1, "fetch": 1}
+    assert out.token_ids == reference_tokens(logits, batch, sampler_seed=31)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_greedy_fast_path_stages_at_most_once(audited, blocked: bool) -> None:  # type: ignore[no-untyped-def]
+    audit, calls = audited
+    logits = torch.randn(8, 50, generator=seeded(22))
+    top = logits.argmax(dim=-1).tolist()
+    batch = make_batch(
+        [SamplingParams(temperature=0.0)] * 8,
+        blocked=[(t,) for t in top] if blocked else None,
+    )
+    sampler = Sampler()
+    sampler(logits, batch)
+    calls.clear()
+    with audit:
+        out = sampler(logits, batch)
+    assert audit.found == []
+    assert calls == ({"to_device": 1, "fetch": 1} if blocked else {"fetch": 1})
+    if blocked:
+        assert (
+            out.token_ids
+            == logits.scatter(1, torch.tensor(top)[:, None], -math.inf).argmax(dim=-1).tolist()
+        )
+    else:
+        assert out.token_ids == top
+
+
+def test_staging_buffer_grows_for_long_sequences() -> None:
+    sampler = Sampler()
+    small = make_batch([SamplingParams(repetition_penalty=1.5)], prompts=[[1]])
+    sampler(torch.randn(1, 10), small)
+    prompt = [t % 10 for t in range(3 * sampler_module._STAGING_SLOTS)]
+    batch = make_batch(
+        [SamplingParams(temperature=0.0, repetition_penalty=100.0)] * 2,
+        prompts=[prompt, [0]],
+        outputs=[[], [1]],
+    )
+    logits = torch.tensor([[5.0] * 10 + [0.5], [5.0, 5.0] + [0.5] * 9])
+    assert sampler(logits, batch).token_ids == [10, 2]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("greedy", [False, True])
+def test_cuda_sampler_syncs_once_at_the_read_back(
+    monkeypatch: pytest.MonkeyPatch, greedy: bool
+) -> None:
+    """Under ``set_sync_debug_mode("error")`` nothing may sync before the read-back,
+    and when the read-back starts waiting the GPU must still be busy with work queued
+    before the call: nothing on the way waited for it."""
+    logits, batch = mixed_batch("cuda")
+    if greedy:
+        batch = make_batch(
+            [SamplingParams(temperature=0.0)] * len(batch), blocked=[(0, 5)] * len(batch)
+        )
+    sampler = Sampler(seed=31, device="cuda")
+    sampler(logits, batch)  # allocates buffers, pinned memory and kernels
+    waits: list[bool] = []
+    wait = sampler_module._ReadBack._wait
+
+    def checked_wait(self: sampler_module._ReadBack) -> None:
+        waits.append(torch.cuda.current_stream().query())  # False: the GPU is still busy
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            wait(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(sampler_module._ReadBack, "_wait", checked_wait)
+    if not greedy:
+        logits, batch = mixed_batch("cuda")  # fresh per-request generators
+    sampler.generator.manual_seed(31)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued ahead
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sampler(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert waits == [False]
+    if greedy:
+        expected = logits.cpu().index_fill(1, torch.tensor([0, 5]), -math.inf).argmax(dim=-1)
+        assert out.token_ids == expected.tolist()
+    else:
+        assert out.token_ids == reference_tokens(logits, batch, sampler_seed=31)

@@ -29,15 +29,21 @@ rows or its row index. Unseeded rows share the sampler's generator.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmfleet.engine.request import Logprob, Request, SamplingParams, TokenLogprobs
+from lmfleet.engine.step_inputs import StagingBuffer
 
 #: temperatures below this are treated as greedy (dividing by them overflows)
 GREEDY_EPS = 1e-5
+
+#: int64 slots the sampler's staging buffer starts with; it grows when a batch needs more
+_STAGING_SLOTS = 4096
 
 
 @dataclass(slots=True)
@@ -107,6 +113,176 @@ def _argmax_only(batch: SamplingBatch) -> bool:
     return all(_is_greedy(p) and not _has_penalty(p) and p.logprobs is None for p in batch.params)
 
 
+# ---- one host-to-device copy ---------------------------------------------------------
+
+
+class _Pack:
+    """Named regions of a call's int64 staging buffer, filled from host values.
+
+    An int64 value takes one slot, a float32 value half of one; every region starts
+    on an even slot (16 bytes). :meth:`send` writes them all and queues one copy.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        #: name -> (first slot, length, float32?, values)
+        self._regions: dict[str, tuple[int, int, bool, Sequence | np.ndarray]] = {}
+
+    def ints(self, name: str, values: Sequence[int] | np.ndarray) -> None:
+        self._add(name, values, floats=False)
+
+    def floats(self, name: str, values: Sequence[float]) -> None:
+        self._add(name, values, floats=True)
+
+    def _add(self, name: str, values: Sequence | np.ndarray, *, floats: bool) -> None:
+        n = len(values)
+        if n == 0:
+            return  # an empty region is simply absent
+        start = self.size + (self.size & 1)
+        self._regions[name] = (start, n, floats, values)
+        self.size = start + ((n + 1) // 2 if floats else n)
+
+    def send(self, staging: StagingBuffer) -> dict[str, torch.Tensor]:
+        """Write every region into ``staging``, move them in one non-blocking copy
+        and return device views by name. Nothing is copied when the pack is empty."""
+        if not self._regions:
+            return {}
+        host = staging.host_view(self.size)
+        for start, n, floats, values in self._regions.values():
+            if floats:
+                host[start : start + (n + 1) // 2].view(np.float32)[:n] = values
+            else:
+                host[start : start + n] = values
+        dev = staging.to_device(self.size)
+        views: dict[str, torch.Tensor] = {}
+        for name, (start, n, floats, _) in self._regions.items():
+            if floats:
+                views[name] = dev[start : start + (n + 1) // 2].view(torch.float32)[:n]
+            else:
+                views[name] = dev[start : start + n]
+        return views
+
+
+class _ReadBack:
+    """Device results to the host: one non-blocking copy into a reused pinned int64
+    buffer and one wait on an event, the call's only sync. On CPU the values are
+    read in place."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._host = torch.empty(0, dtype=torch.int64)
+
+    def fetch(self, values: torch.Tensor) -> np.ndarray:
+        """``values`` (N,) int64 on the device, as a host array valid until the next fetch."""
+        if self._event is None:
+            return values.numpy()
+        n = values.numel()
+        if n > self._host.numel():
+            size = max(n, 2 * self._host.numel(), 1024)
+            self._host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+        host = self._host[:n]
+        host.copy_(values, non_blocking=True)
+        self._event.record(torch.cuda.current_stream(self.device))
+        self._wait()
+        return host.numpy()
+
+    def _wait(self) -> None:
+        assert self._event is not None
+        self._event.synchronize()
+
+
+# ---- host-side plan -------------------------------------------------------------------
+
+
+def _stage_blocked(pack: _Pack, blocked: Sequence[Sequence[int]], vocab: int) -> None:
+    """The blocked ``(row, col)`` pairs as one region: all rows, then all columns."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, ids in enumerate(blocked):
+        for t in ids:
+            if t < vocab:
+                rows.append(i)
+                cols.append(t)
+    pack.ints("blocked", rows + cols)
+
+
+def _flat_ids(seqs: Sequence[Sequence[int]], vocab: int) -> np.ndarray:
+    """Where each token of each sequence lands in a flattened ``(R, V + 1)`` count
+    matrix: ``r * (V + 1) + t``. Ids outside ``[0, V)`` go to the extra column."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    total = int(lengths.sum())
+    tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
+    tokens = np.where((tokens >= 0) & (tokens < vocab), tokens, vocab)
+    return np.repeat(np.arange(len(seqs), dtype=np.int64) * (vocab + 1), lengths) + tokens
+
+
+def _stage_penalties(pack: _Pack, batch: SamplingBatch, rows: list[int], vocab: int) -> None:
+    params = [batch.params[i] for i in rows]
+    if len(rows) < len(batch):
+        pack.ints("penalty_rows", rows)
+    pack.ints("output_ids", _flat_ids([batch.output_token_ids[i] for i in rows], vocab))
+    if any(p.repetition_penalty != 1.0 for p in params):
+        pack.floats("repetition", [p.repetition_penalty for p in params])
+        pack.ints("prompt_ids", _flat_ids([batch.prompt_token_ids[i] for i in rows], vocab))
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        pack.floats("presence", [p.presence_penalty for p in params])
+        pack.floats("frequency", [p.frequency_penalty for p in params])
+
+
+def _stage_filters(pack: _Pack, params: list[SamplingParams], vocab: int) -> None:
+    pack.floats("temperature", [p.temperature for p in params])
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        pack.ints("top_k", [p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+        pack.floats("top_p", [p.top_p for p in params])
+    if any(p.min_p > 0.0 for p in params):
+        pack.floats("min_p", [p.min_p for p in params])
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Which rows take which steps (decided on the host from the Python params), and
+    the pack of every per-row value those steps read on the device."""
+
+    pack: _Pack
+    lp_rows: list[int]  # rows that want logprobs
+    penalty_rows: list[int]
+    sample_rows: list[int]  # rows that are not greedy
+    sample_generators: list[torch.Generator | None]  # one per sample row
+    shared: list[int]  # positions among the sample rows that use the sampler's generator
+
+    @classmethod
+    def build(cls, batch: SamplingBatch, vocab: int) -> _Plan:
+        pack = _Pack()
+        n = len(batch)
+        lp_rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
+        if len(lp_rows) < n:
+            pack.ints("lp_rows", lp_rows)
+        _stage_blocked(pack, batch.blocked_token_ids, vocab)
+        penalty_rows = [i for i, p in enumerate(batch.params) if _has_penalty(p)]
+        if penalty_rows:
+            _stage_penalties(pack, batch, penalty_rows, vocab)
+        sample_rows = [i for i, p in enumerate(batch.params) if not _is_greedy(p)]
+        generators = [batch.generators[i] for i in sample_rows]
+        shared = [j for j, g in enumerate(generators) if g is None]
+        if sample_rows:
+            _stage_filters(pack, [batch.params[i] for i in sample_rows], vocab)
+            if len(sample_rows) < n:
+                pack.ints("sample_rows", sample_rows)
+            if len(shared) < len(sample_rows):
+                pack.ints("shared_rows", shared)
+        return cls(pack, lp_rows, penalty_rows, sample_rows, generators, shared)
+
+
+def _rows(t: torch.Tensor, dev: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The rows of ``t`` staged under ``key``; all of ``t`` (not a copy) when absent."""
+    index = dev.get(key)
+    return t if index is None else t.index_select(0, index)
+
+
+# ---- the sampler ----------------------------------------------------------------------
+
+
 class Sampler:
     """Samples one token per row; see the module docstring for the order of steps."""
 
@@ -115,138 +291,170 @@ class Sampler:
         #: shared by every row without its own generator
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._staging: StagingBuffer | None = None
+        self._readback: _ReadBack | None = None
 
+    def _buffers(self, device: torch.device) -> tuple[StagingBuffer, _ReadBack]:
+        """The reused staging and read-back buffers for ``device`` (the logits')."""
+        if self._staging is None or self._staging.device != device:
+            self._staging = StagingBuffer(device, _STAGING_SLOTS)
+        if self._readback is None or self._readback.device != device:
+            self._readback = _ReadBack(device)
+        return self._staging, self._readback
+
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """``logits`` is ``(B, V)``, one row per batch row; it is not modified."""
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(
                 f"logits must be (B, V) with B = {len(batch)} rows, got {tuple(logits.shape)}"
             )
+        staging, readback = self._buffers(logits.device)
         if _argmax_only(batch):
-            return self._greedy(logits, batch)
+            return self._greedy(logits, batch, staging, readback)
+        plan = _Plan.build(batch, logits.shape[1])
+        dev = plan.pack.send(staging)  # the one host-to-device copy
         logits = logits.to(torch.float32, copy=True)  # (B, V)
-        lp_rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
-        raw = logits[lp_rows] if lp_rows else None  # (R, V), before any change
+        raw = None  # (R, V), before any change
+        if plan.lp_rows:
+            raw = logits.clone() if "lp_rows" not in dev else logits.index_select(0, dev["lp_rows"])
 
-        apply_blocked_tokens(logits, batch.blocked_token_ids)
-        apply_penalties(logits, batch)
-        token_ids = self._pick(logits, batch)  # (B,)
+        _apply_blocked(logits, dev)
+        _apply_penalties(logits, plan, dev)
+        token_ids = self._pick(logits, plan, dev)  # (B,)
 
+        if raw is None:
+            return SamplerOutput(readback.fetch(token_ids).tolist(), [None] * len(batch))
+        nums = [batch.params[i].logprobs or 0 for i in plan.lp_rows]
+        found = _logprob_tensors(raw, _rows(token_ids, dev, "lp_rows"), max(nums))
+        host = readback.fetch(_pack_results(token_ids, *found))  # the one sync
+        ids, entries = _unpack_results(host, len(batch), plan.lp_rows, nums)
         logprobs: list[TokenLogprobs | None] = [None] * len(batch)
-        if raw is not None:
-            nums = [batch.params[i].logprobs or 0 for i in lp_rows]
-            for i, lp in zip(lp_rows, _logprobs(raw, token_ids[lp_rows], nums), strict=True):
-                logprobs[i] = lp
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+        for i, entry in zip(plan.lp_rows, entries, strict=True):
+            logprobs[i] = entry
+        return SamplerOutput(token_ids=ids, logprobs=logprobs)
 
-    def _greedy(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    def _greedy(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        staging: StagingBuffer,
+        readback: _ReadBack,
+    ) -> SamplerOutput:
         """Fast path: every row greedy, without penalties or logprobs."""
         if any(batch.blocked_token_ids):
-            logits = logits.clone()
-            apply_blocked_tokens(logits, batch.blocked_token_ids)
-        token_ids = logits.argmax(dim=-1).tolist()
+            pack = _Pack()
+            _stage_blocked(pack, batch.blocked_token_ids, logits.shape[1])
+            dev = pack.send(staging)
+            if dev:
+                logits = logits.clone()
+                _apply_blocked(logits, dev)
+        token_ids = readback.fetch(logits.argmax(dim=-1)).tolist()
         return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(batch))
 
-    def _pick(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _pick(
+        self, logits: torch.Tensor, plan: _Plan, dev: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Greedy rows take the argmax; the others sample. Returns ``(B,)`` int64."""
-        token_ids = logits.argmax(dim=-1)  # (B,)
-        rows = [i for i, p in enumerate(batch.params) if not _is_greedy(p)]
-        if not rows:
-            return token_ids
-        params = [batch.params[i] for i in rows]
-        probs = _filtered_probs(logits[rows], params)  # (S, V)
-        noise = self._noise(probs, [batch.generators[i] for i in rows])  # (S, V)
-        token_ids[rows] = (probs / noise).argmax(dim=-1)
-        return token_ids
+        if not plan.sample_rows:
+            return logits.argmax(dim=-1)
+        probs = _filtered_probs(_rows(logits, dev, "sample_rows"), dev)  # (S, V)
+        noise = self._noise(probs, plan, dev)  # (S, V)
+        picked = (probs / noise).argmax(dim=-1)  # (S,)
+        if "sample_rows" not in dev:
+            return picked
+        return logits.argmax(dim=-1).index_copy_(0, dev["sample_rows"], picked)
 
-    def _noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    def _noise(
+        self, probs: torch.Tensor, plan: _Plan, dev: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Exp(1) noise shaped like ``probs`` (S, V); each seeded row from its own generator."""
-        noise = torch.empty_like(probs)  # (S, V)
-        shared = [j for j, g in enumerate(generators) if g is None]
-        if shared:
-            draw = torch.empty((len(shared), probs.shape[1]), device=probs.device)
-            noise[shared] = draw.exponential_(generator=self.generator)
-        for j, g in enumerate(generators):
-            if g is not None:
-                noise[j].exponential_(generator=g)
+        draw = None
+        if plan.shared:
+            draw = torch.empty((len(plan.shared), probs.shape[1]), device=probs.device)
+            draw.exponential_(generator=self.generator)
+        if draw is not None and "shared_rows" not in dev:
+            noise = draw  # every row draws from the sampler's generator
+        else:
+            noise = torch.empty_like(probs)  # (S, V)
+            if draw is not None:
+                noise.index_copy_(0, dev["shared_rows"], draw)
+            for j, g in enumerate(plan.sample_generators):
+                if g is not None:
+                    noise[j].exponential_(generator=g)
         # A zero draw would turn a filtered token's 0 / 0 into NaN.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+# ---- device steps ----------------------------------------------------------------------
+
+
+def _apply_blocked(logits: torch.Tensor, dev: dict[str, torch.Tensor]) -> None:
+    pairs = dev.get("blocked")
+    if pairs is not None:
+        n = pairs.numel() // 2
+        logits.index_put_((pairs[:n], pairs[n:]), logits.new_full((), -torch.inf))
+
+
 def apply_blocked_tokens(logits: torch.Tensor, blocked: Sequence[Sequence[int]]) -> None:
     """Set ``logits[i, t] = -inf`` for every ``t`` in ``blocked[i]``, in place."""
-    vocab = logits.shape[1]
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, ids in enumerate(blocked):
-        for t in ids:
-            if t < vocab:
-                rows.append(i)
-                cols.append(t)
-    if rows:
-        device = logits.device
-        logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = -torch.inf
+    pack = _Pack()
+    _stage_blocked(pack, blocked, logits.shape[1])
+    _apply_blocked(logits, pack.send(StagingBuffer(logits.device, max(pack.size, 1))))
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     """Apply repetition, then presence and frequency penalties to ``logits`` (B, V) in place."""
-    rows = [i for i, p in enumerate(batch.params) if _has_penalty(p)]
-    if not rows:
+    plan = _Plan.build(batch, logits.shape[1])
+    dev = plan.pack.send(StagingBuffer(logits.device, max(plan.pack.size, 1)))
+    _apply_penalties(logits, plan, dev)
+
+
+def _apply_penalties(logits: torch.Tensor, plan: _Plan, dev: dict[str, torch.Tensor]) -> None:
+    if not plan.penalty_rows:
         return
-    vocab, device = logits.shape[1], logits.device
-    params = [batch.params[i] for i in rows]
-    sub = logits[rows]  # (R, V)
-    out_counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)
+    rows, vocab = len(plan.penalty_rows), logits.shape[1]
+    sub = _rows(logits, dev, "penalty_rows")  # (P, V)
+    # Token counts of the outputs, (P, V + 1): the extra column takes ids outside [0, V).
+    counts = torch.zeros(rows * (vocab + 1), device=logits.device)
+    if "output_ids" in dev:
+        ids = dev["output_ids"]
+        counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+    counts = counts.view(rows, vocab + 1)
+    out_counts = counts[:, :vocab]  # (P, V)
 
-    def column(name: str) -> torch.Tensor:  # (R, 1)
-        return torch.tensor([getattr(p, name) for p in params], device=device).unsqueeze(1)
-
-    if any(p.repetition_penalty != 1.0 for p in params):
-        prompts = [batch.prompt_token_ids[i] for i in rows]
-        seen = (_token_counts(prompts, vocab, device) + out_counts) > 0  # (R, V)
-        rep = column("repetition_penalty")
+    if "repetition" in dev:
+        seen = counts > 0  # (P, V + 1), then the prompt's tokens too
+        if "prompt_ids" in dev:
+            seen.view(-1).index_fill_(0, dev["prompt_ids"], True)
+        rep = dev["repetition"].unsqueeze(1)  # (P, 1)
         penalized = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalized, sub)
-    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-        presence, frequency = column("presence_penalty"), column("frequency_penalty")
+        sub = torch.where(seen[:, :vocab], penalized, sub)
+    if "presence" in dev:
+        presence, frequency = dev["presence"].unsqueeze(1), dev["frequency"].unsqueeze(1)
         sub = sub - presence * (out_counts > 0) - frequency * out_counts
-    logits[rows] = sub
+    if "penalty_rows" in dev:
+        logits.index_copy_(0, dev["penalty_rows"], sub)
+    elif sub is not logits:
+        logits.copy_(sub)
 
 
-def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """How often each token id occurs in each sequence: ``(R, V)`` float32."""
-    width = max((len(s) for s in seqs), default=0)
-    counts = torch.zeros((len(seqs), vocab + 1), device=device)  # (R, V + 1)
-    if width:
-        # Pad with the id ``vocab``, which lands in the extra column and is dropped.
-        padded = [s + [vocab] * (width - len(s)) for s in seqs]
-        ids = torch.tensor(padded, dtype=torch.int64, device=device)  # (R, L)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    return counts[:, :vocab]
-
-
-def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _filtered_probs(logits: torch.Tensor, dev: dict[str, torch.Tensor]) -> torch.Tensor:
     """Temperature, top-k, top-p, then min-p: ``(S, V)`` logits to unnormalised probs."""
-    device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temperature.unsqueeze(1)  # (S, V)
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        logits = _top_k_top_p(logits, params)
+    logits = logits / dev["temperature"].unsqueeze(1)  # (S, V)
+    if "top_k" in dev:
+        logits = _top_k_top_p(logits, dev["top_k"].unsqueeze(1), dev["top_p"].unsqueeze(1))
     probs = logits.softmax(dim=-1)  # (S, V)
-    if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
-        threshold = probs.amax(dim=-1, keepdim=True) * min_p  # (S, 1)
+    if "min_p" in dev:
+        threshold = probs.amax(dim=-1, keepdim=True) * dev["min_p"].unsqueeze(1)  # (S, 1)
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
 
 
-def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Set to ``-inf`` what top-k and top-p drop, for ``(S, V)`` logits."""
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to ``-inf`` what top-k (S, 1) int64, ``V`` when off, and top-p (S, 1) drop,
+    for ``(S, V)`` logits."""
     vocab, device = logits.shape[1], logits.device
-    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_k = torch.tensor(ks, device=device).unsqueeze(1)  # (S, 1)
-    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # (S, 1)
-
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (S, V)
     position = torch.arange(vocab, device=device).unsqueeze(0)  # (1, V)
     sorted_logits = sorted_logits.masked_fill(position >= top_k, -torch.inf)
@@ -258,32 +466,79 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _logprobs(raw: torch.Tensor, sampled: torch.Tensor, nums: list[int]) -> list[TokenLogprobs]:
-    """Logprobs of ``sampled`` (R,) and the top ``nums[r]`` tokens of each raw row (R, V).
+# ---- logprobs and the read-back ----------------------------------------------------------
+
+
+def _logprob_tensors(
+    raw: torch.Tensor, sampled: torch.Tensor, num: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For raw logits (R, V) and the sampled tokens (R,): the sampled tokens' logprobs
+    (R,) and ranks (R,), and the top ``num`` logprobs, ids and ranks (R, num).
 
     A token's rank is 1 + the number of tokens with a strictly higher logprob.
     """
     logprobs = raw.log_softmax(dim=-1)  # (R, V)
     sampled_lp = logprobs.gather(1, sampled.unsqueeze(1))  # (R, 1)
     sampled_rank = (logprobs > sampled_lp).sum(dim=-1) + 1  # (R,)
-    top_lp, top_ids = logprobs.topk(max(nums), dim=-1)  # (R, N), sorted
+    top_lp, top_ids = logprobs.topk(num, dim=-1)  # (R, N), sorted
     # Anything above the j-th largest is among the first j, so compare within top-N.
     top_rank = (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(dim=-1) + 1  # (R, N)
+    return sampled_lp.squeeze(1), sampled_rank, top_lp, top_ids, top_rank
 
+
+def _pack_results(
+    token_ids: torch.Tensor,
+    sampled_lp: torch.Tensor,
+    sampled_rank: torch.Tensor,
+    top_lp: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_rank: torch.Tensor,
+) -> torch.Tensor:
+    """One int64 vector: token ids (B), sampled ranks (R), top ids (R*N), top ranks
+    (R*N), then the logprobs (R + R*N) as float64 bits (exact for float32 values)."""
+    floats = torch.cat([sampled_lp, top_lp.reshape(-1)]).to(torch.float64)
+    return torch.cat(
+        [
+            token_ids,
+            sampled_rank,
+            top_ids.reshape(-1),
+            top_rank.reshape(-1),
+            floats.view(torch.int64),
+        ]
+    )
+
+
+def _unpack_results(
+    host: np.ndarray, num_rows: int, lp_rows: list[int], nums: list[int]
+) -> tuple[list[int], list[TokenLogprobs]]:
+    """Undo :func:`_pack_results` on the host: token ids and one entry per logprob row."""
+    r, n = len(lp_rows), max(nums)
+    token_ids = host[:num_rows].tolist()
+    at = num_rows
+    sampled_rank = host[at : at + r].tolist()
+    at += r
+    top_ids = host[at : at + r * n].reshape(r, n).tolist()
+    at += r * n
+    top_rank = host[at : at + r * n].reshape(r, n).tolist()
+    at += r * n
+    floats = host[at:].view(np.float64)
+    sampled_lp = floats[:r].tolist()
+    top_lp = floats[r:].reshape(r, n).tolist()
     rows = zip(
-        sampled.tolist(),
-        sampled_lp.squeeze(1).tolist(),
-        sampled_rank.tolist(),
-        top_ids.tolist(),
-        top_lp.tolist(),
-        top_rank.tolist(),
+        [token_ids[i] for i in lp_rows],
+        sampled_lp,
+        sampled_rank,
+        top_ids,
+        top_lp,
+        top_rank,
         nums,
         strict=True,
     )
-    return [
+    entries = [
         TokenLogprobs(
             sampled=Logprob(tok, lp, rank),
-            top=tuple(Logprob(*x) for x in zip(ids[:n], lps[:n], ranks[:n], strict=True)),
+            top=tuple(Logprob(*x) for x in zip(ids[:k], lps[:k], ranks[:k], strict=True)),
         )
-        for tok, lp, rank, ids, lps, ranks, n in rows
+        for tok, lp, rank, ids, lps, ranks, k in rows
     ]
+    return token_ids, entries
