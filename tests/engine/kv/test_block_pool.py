@@ -174,3 +174,27 @@ def test_identical_prompts_always_hit_after_first(tokens):
     hits, n = kv.get_computed_blocks(b)
     assert n == ((len(tokens) - 1) // 2) * 2
     assert hits == kv.block_ids("a")[: len(hits)]
+
+
+def test_token_ids_between_spans_prompt_and_outputs():
+    r = Request("t", [1, 2, 3, 4], SamplingParams())
+    r.output_token_ids += [5, 6, 7]
+    full = r.all_token_ids
+    for start in range(8):
+        for end in range(start, 8):
+            assert r.token_ids_between(start, end) == full[start:end]
+
+
+def test_decode_in_a_block_with_room_reuses_the_list_and_registers_when_full():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    r = Request("d", [1, 2, 3], SamplingParams())
+    blocks = kv.allocate_slots(r, 3)
+    assert blocks is not None and len(blocks) == 1
+    r.num_computed_tokens = 3
+    r.output_token_ids.append(9)
+    # the fourth token fits the first block: same list, no new block, block now indexed
+    assert kv.allocate_slots(r, 1) is blocks and len(blocks) == 1
+    assert kv.pool.num_cached_blocks == 1
+    r.num_computed_tokens = 4
+    r.output_token_ids.append(8)
+    assert len(kv.allocate_slots(r, 1)) == 2

@@ -72,12 +72,10 @@ class KVCacheManager:
         ``num_tokens`` tokens."""
         hashes = request.block_hashes
         bs = self.block_size
-        tokens = None
         for i in range(len(hashes), num_tokens // bs):
-            if tokens is None:
-                tokens = request.all_token_ids
             parent = hashes[i - 1] if i else None
-            hashes.append(hash((parent, tuple(tokens[i * bs : (i + 1) * bs]), self.extra_key)))
+            tokens = request.token_ids_between(i * bs, (i + 1) * bs)
+            hashes.append(hash((parent, tuple(tokens), self.extra_key)))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The cached blocks holding a prefix of this request, and how many tokens
@@ -90,10 +88,10 @@ class KVCacheManager:
         hits: list[int] = []
         bs = self.block_size
         parent = None
-        all_tokens = request.all_token_ids if max_hit_blocks else []
         for i in range(max_hit_blocks):
             block_hash = request.block_hashes[i]
-            block_id = self.pool.lookup(block_hash, parent, all_tokens[i * bs : (i + 1) * bs])
+            tokens = request.token_ids_between(i * bs, (i + 1) * bs)
+            block_id = self.pool.lookup(block_hash, parent, tokens)
             if block_id is None:
                 break
             hits.append(block_id)
@@ -113,9 +111,14 @@ class KVCacheManager:
         ``num_computed_tokens`` (which already counts ``new_computed_blocks``).
         Returns the request's full block list, or None when blocks run out (nothing
         changes then)."""
-        new_computed_blocks = new_computed_blocks or []
         owned = self._blocks.get(request.request_id, [])
         total = request.num_computed_tokens + num_new_tokens
+        if not new_computed_blocks and total <= len(owned) * self.block_size:
+            # the common decode step: the last block still has room
+            if self.enable_prefix_caching:
+                self._register_full_blocks(request, total)
+            return owned
+        new_computed_blocks = new_computed_blocks or []
         num_new = self.blocks_needed(total) - len(owned) - len(new_computed_blocks)
         num_new = max(num_new, 0)
         # Cached hits that sit in the free queue are no longer free once taken.
@@ -145,10 +148,9 @@ class KVCacheManager:
         self._update_hashes(request, num_full * self.block_size)
         owned = self._blocks[rid]
         bs = self.block_size
-        all_tokens = request.all_token_ids
         for i in range(done, num_full):
             parent = request.block_hashes[i - 1] if i else None
-            tokens = all_tokens[i * bs : (i + 1) * bs]
+            tokens = request.token_ids_between(i * bs, (i + 1) * bs)
             self.pool.register(owned[i], request.block_hashes[i], parent, tokens)
         self._num_registered[rid] = num_full
 
