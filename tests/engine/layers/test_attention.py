@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import lmfleet.engine.layers.attention as attention
-from lmfleet.engine.layers.attention import paged_attention, write_kv
+from lmfleet.engine.layers.attention import (
+    FP8_KV_DTYPE,
+    kv_cache_torch_dtype,
+    paged_attention,
+    to_fp8,
+    write_kv,
+)
 from tests.engine.layers.paged_kv import BlockLayout
 
 N_HEADS, N_KV, HEAD_DIM = 8, 2, 16
@@ -30,9 +36,19 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class _World:
     """Full K/V histories per sequence, laid into a shuffled paged cache step by step."""
 
-    def __init__(self, block_size: int, num_blocks: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        num_blocks: int = 64,
+        seed: int = 0,
+        kv_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.layout = BlockLayout(num_blocks, block_size, seed=seed)
-        self.cache = torch.full((2, num_blocks, block_size, N_KV, HEAD_DIM), float("nan"))
+        shape = (2, num_blocks, block_size, N_KV, HEAD_DIM)
+        self.cache = torch.full(shape, float("nan"), dtype=kv_dtype)
+        #: the reference attends over K/V as the cache stores them
+        self.stored = (lambda x: to_fp8(x).float()) if kv_dtype == FP8_KV_DTYPE else (lambda x: x)
+        self.outputs: list[torch.Tensor] = []
         self.gen = torch.Generator().manual_seed(seed)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
@@ -48,13 +64,14 @@ class _World:
             qs.append(torch.randn(n, N_HEADS, HEAD_DIM, generator=self.gen))
             ks.append(torch.randn(n, N_KV, HEAD_DIM, generator=self.gen))
             vs.append(torch.randn(n, N_KV, HEAD_DIM, generator=self.gen))
-            self.keys[seq] = torch.cat([self.keys.get(seq, ks[-1][:0]), ks[-1]])
-            self.values[seq] = torch.cat([self.values.get(seq, vs[-1][:0]), vs[-1]])
+            self.keys[seq] = torch.cat([self.keys.get(seq, ks[-1][:0]), self.stored(ks[-1])])
+            self.values[seq] = torch.cat([self.values.get(seq, vs[-1][:0]), self.stored(vs[-1])])
             self.done[seq] = done + n
         meta = self.layout.metadata(steps)
         out = paged_attention(
             torch.cat(qs), torch.cat(ks), torch.cat(vs), self.cache, meta, HEAD_DIM**-0.5
         )
+        self.outputs.append(out)
         offset = 0
         for (seq, n), q in zip(entries, qs, strict=True):
             want = _dense(q, self.keys[seq], self.values[seq])
@@ -108,3 +125,77 @@ def test_bfloat16_runs_and_stays_close() -> None:
     out = paged_attention(q.to(bf), k.to(bf), v.to(bf), cache, meta, HEAD_DIM**-0.5)
     assert out.dtype == bf
     torch.testing.assert_close(out[:6].float(), _dense(q[:6], k[:6], v[:6]), atol=3e-2, rtol=3e-2)
+
+
+def _mixed_steps(world: _World) -> torch.Tensor:
+    """Prefill, chunked prefill over cached context, mixed and pure decode; every
+    output of every step, concatenated."""
+    world.step([(0, 9), (1, 1)])
+    world.step([(0, 6), (1, 17)])
+    world.step([(0, 1), (1, 1), (2, 3)])
+    world.step([(1, 1), (2, 1), (0, 1)])
+    world.step([(2, 5), (0, 1)])
+    return torch.cat(world.outputs)
+
+
+@pytest.mark.parametrize("min_batched", [2, 10**9])
+def test_fp8_cache_is_exact_over_rounded_kv_and_close_to_full_precision(
+    min_batched: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fp8 cache attends exactly as dense attention over the rounded K/V (every
+    step checks that, prefill included), and stays within a few percent of the same
+    steps over an fp32 cache; the cache really holds one byte per element."""
+    monkeypatch.setattr(attention, "BATCHED_DECODE_MIN_SEQS", min_batched)
+    fp8 = _World(block_size=4, kv_dtype=torch.float8_e4m3fn)
+    full = _World(block_size=4)
+    out8, out32 = _mixed_steps(fp8), _mixed_steps(full)
+    rel = ((out8 - out32).norm() / out32.norm()).item()
+    assert 1e-3 < rel < 5e-2, rel  # measured 0.033
+    assert fp8.cache.dtype == torch.float8_e4m3fn
+    bf16_bytes = fp8.cache.numel() * torch.bfloat16.itemsize
+    assert fp8.cache.nbytes * 2 == bf16_bytes and full.cache.nbytes == 4 * fp8.cache.nbytes
+
+
+def test_fp8_write_saturates_and_rounds_like_a_cast() -> None:
+    cache = torch.zeros(2, 4, 2, 1, 3, dtype=torch.float8_e4m3fn)
+    k = torch.tensor([[1e4, -1e4, 0.3]]).view(1, 1, 3)
+    v = torch.tensor([[float("inf"), 447.0, -1e-3]]).view(1, 1, 3)
+    write_kv(k, v, cache, torch.tensor([5]))
+    flat = cache.view(2, 8, 1, 3).float()
+    rounded = torch.tensor(0.3).to(FP8_KV_DTYPE).item()
+    assert flat[0, 5].flatten().tolist() == [448.0, -448.0, rounded]
+    assert flat[1, 5].flatten().tolist()[:2] == [448.0, 448.0]
+    assert flat[1, 5, 0, 2] == torch.tensor(-1e-3).to(FP8_KV_DTYPE).float()
+    assert flat[:, [0, 1, 2, 3, 4, 6, 7]].abs().sum() == 0
+
+
+def test_fp8_cache_with_bfloat16_queries() -> None:
+    """bf16 model, fp8 cache: the output is bf16 and close to dense attention over
+    the rounded K/V."""
+    layout = BlockLayout(8, 4)
+    meta = layout.metadata([(0, 6, 6), (1, 5, 5)])
+    gen = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(11, h, HEAD_DIM, generator=gen).to(bf) for h in (N_HEADS, N_KV, N_KV))
+    cache = torch.zeros(2, 8, 4, N_KV, HEAD_DIM, dtype=kv_cache_torch_dtype("fp8", bf))
+    out = paged_attention(q, k, v, cache, meta, HEAD_DIM**-0.5)
+    assert out.dtype == bf
+    want = _dense(q[:6].float(), to_fp8(k[:6]).float(), to_fp8(v[:6]).float())
+    torch.testing.assert_close(out[:6].float(), want, atol=3e-2, rtol=3e-2)
+    # decode over that cache: the batched path reads the fp8 blocks back
+    meta = layout.metadata([(0, 1, 7), (1, 1, 6)])
+    k1, v1 = (torch.randn(2, N_KV, HEAD_DIM, generator=gen).to(bf) for _ in range(2))
+    q1 = torch.randn(2, N_HEADS, HEAD_DIM, generator=gen).to(bf)
+    out = paged_attention(q1, k1, v1, cache, meta, HEAD_DIM**-0.5)
+    keys = to_fp8(torch.cat([k[6:], k1[1:]])).float()
+    values = to_fp8(torch.cat([v[6:], v1[1:]])).float()
+    torch.testing.assert_close(
+        out[1:].float(), _dense(q1[1:].float(), keys, values), atol=3e-2, rtol=3e-2
+    )
+
+
+def test_kv_cache_dtype_names() -> None:
+    assert kv_cache_torch_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert kv_cache_torch_dtype("fp8", torch.float32) == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kv_cache_torch_dtype("fp4", torch.float32)

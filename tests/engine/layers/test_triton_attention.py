@@ -17,9 +17,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from lmfleet.engine.layers.attention import paged_attention
+from lmfleet.engine.layers.attention import paged_attention, to_fp8
 from lmfleet.engine.layers.triton_attention import (
     attention_backend,
+    fp8_kv_supported,
     triton_available,
     triton_paged_attention,
     triton_write_kv,
@@ -50,13 +51,15 @@ class _Twin:
         device: str = DEVICE,
         num_blocks: int = 48,
         seed: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
         self.dtype, self.device = dtype, device
         self.layout = BlockLayout(num_blocks, block_size, seed=seed)
         shape = (2, num_blocks, block_size, n_kv, head_dim)
-        self.ref_cache = torch.full(shape, float("nan"), dtype=dtype)
-        self.cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        kv_dtype = kv_dtype or dtype
+        self.ref_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
+        self.cache = torch.full(shape, float("nan"), dtype=kv_dtype, device=device)
         self.gen = torch.Generator().manual_seed(seed)
         self.done: dict[int, int] = {}
 
@@ -81,10 +84,12 @@ class _Twin:
         out = triton_paged_attention(q.to(d), k.to(d), v.to(d), self.cache, dev_meta, scale)
         assert out.shape == ref.shape and out.dtype == ref.dtype
         assert not out.isnan().any()
-        # the written slots agree exactly; the rest stays poisoned
+        # the written slots agree bit for bit; the rest stays poisoned
         slots = meta.slot_mapping
         flat = self.cache.view(2, -1, self.n_kv, self.head_dim).cpu()
         ref_flat = self.ref_cache.view(2, -1, self.n_kv, self.head_dim)
+        if self.cache.element_size() == 1:  # compare fp8 as its bytes
+            flat, ref_flat = flat.view(torch.uint8), ref_flat.view(torch.uint8)
         torch.testing.assert_close(flat[:, slots], ref_flat[:, slots], rtol=0, atol=0)
         return _rel_err(out.cpu(), ref)
 
@@ -181,6 +186,51 @@ def test_backend_selection() -> None:
     assert triton_available()
     with pytest.raises(ValueError, match="backend"):
         attention_backend("cpu", "flash")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_matches_reference(dtype: torch.dtype) -> None:
+    """An fp8 cache under model-dtype queries: the kernels write the same bytes as the
+    reference's saturating cast and attend over them as the reference does."""
+    twin = _Twin(
+        n_heads=8, n_kv=2, head_dim=32, block_size=16, dtype=dtype, kv_dtype=torch.float8_e4m3fn
+    )
+    errs = _scenario(twin)
+    assert max(errs) < TOL[dtype], errs
+    assert twin.cache.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_write_saturates(dtype: torch.dtype) -> None:
+    cache = torch.full((2, 2, 16, 2, 16), float("nan"), dtype=torch.float8_e4m3fn, device=DEVICE)
+    k = torch.randn(3, 2, 16, device=DEVICE) * 300  # many beyond +-448
+    k[0, 0, :3] = torch.tensor([1e4, -1e4, float("inf")])
+    k, v = k.to(dtype), (-k / 1000).to(dtype)  # v: small values, subnormals in fp8
+    triton_write_kv(k, v, cache, torch.tensor([3, 17, 30], device=DEVICE))
+    flat = cache.view(2, -1, 2, 16).cpu()
+    for i, (got, want) in enumerate(((flat[0], k), (flat[1], v))):
+        got, want = got[[3, 17, 30]].view(torch.uint8), to_fp8(want.cpu()).view(torch.uint8)
+        assert torch.equal(got, want), i
+    assert flat[0, 3, 0, :3].float().tolist() == [448.0, -448.0, 448.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fp8_cache_matches_reference(dtype: torch.dtype) -> None:
+    if not fp8_kv_supported("cuda"):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    twin = _Twin(
+        n_heads=16,
+        n_kv=8,
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+        device="cuda",
+        kv_dtype=torch.float8_e4m3fn,
+    )
+    errs = _scenario(twin)
+    assert max(errs) < TOL[dtype], errs
 
 
 @pytest.mark.gpu

@@ -10,6 +10,11 @@ sees keys at positions up to and including its own.
 It is a pure function of tensors and :class:`AttentionMetadata`, so an accelerator
 backend (Triton kernels) can replace it behind the same signature. It knows nothing
 about models, block allocation or scheduling.
+
+The cache may be stored in float8 e4m3 (``--kv-cache-dtype fp8``) while queries stay
+in the model dtype: K/V are saturated to +-448 and rounded on write (scale 1.0), and
+read back as the query dtype before the attention math. Every read goes through that
+rounding, including a prefill's own new keys, so all backends see the same values.
 """
 
 from __future__ import annotations
@@ -26,14 +31,41 @@ BATCHED_DECODE_MIN_SEQS = 2
 #: 2-core CPU, 2-4 MiB gathers ran 1.5-3x faster than gathering the whole batch at
 #: once (which allocates fresh pages on every call and spills the caches)
 DECODE_GATHER_BYTES = 4 << 20
+#: the float8 KV cache format and its largest finite value (scale 1.0: stored = value)
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0
+
+
+def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of a ``kv_cache_dtype`` setting: ``"auto"`` is the model's."""
+    if name == "auto":
+        return model_dtype
+    if name == "fp8":
+        return FP8_KV_DTYPE
+    raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {name!r}")
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8_KV_DTYPE
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Saturating cast to the fp8 KV format (scale 1.0); NaN stays NaN."""
+    return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
 
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store ``k``/``v`` (T, n_kv, hd) at flat slots ``slot_mapping`` (T,) of
-    ``kv_cache`` (2, num_blocks, block_size, n_kv, hd)."""
+    ``kv_cache`` (2, num_blocks, block_size, n_kv, hd), rounding to an fp8 cache."""
     n_kv, head_dim = kv_cache.shape[-2:]
+    if is_fp8(kv_cache.dtype):
+        # index_copy_ has no float8 kernel on CPU: copy the bytes through uint8 views
+        kv_u8 = kv_cache.view(torch.uint8)
+        kv_u8[0].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, to_fp8(k).view(torch.uint8))
+        kv_u8[1].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, to_fp8(v).view(torch.uint8))
+        return
     kv_cache[0].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, v)
 
@@ -111,14 +143,19 @@ def _attend_one(
     q_len = q.shape[0]
     seq_len = meta.seq_lens_cpu[i]
     n_kv, head_dim = kv_cache.shape[-2:]
+    fp8 = is_fp8(kv_cache.dtype)
     if q_len == seq_len:
         # the whole context is new: use it directly, no need to read the cache back
         keys, values = k_new, v_new  # (S, n_kv, hd)
+        if fp8:  # ... but as rounded into the cache, like every later read of it
+            keys, values = to_fp8(keys), to_fp8(values)
     else:
         num_blocks = -(-seq_len // meta.block_size)
         blocks = meta.block_tables[i, :num_blocks].long()  # (nb,)
         kv = kv_cache[:, blocks].view(2, num_blocks * meta.block_size, n_kv, head_dim)
         keys, values = kv[0, :seq_len], kv[1, :seq_len]  # (S, n_kv, hd)
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
     qh = q.transpose(0, 1)  # (n_heads, L, hd)
     kh = keys.transpose(0, 1)  # (n_kv, S, hd)
     vh = values.transpose(0, 1)  # (n_kv, S, hd)
@@ -158,12 +195,16 @@ def _attend_decode_batched(
     slots = blocks * block_size + pos % block_size  # (B, S)
     mask = valid.view(batch, 1, 1, span)  # (B, 1, 1, S)
     qg = q.view(batch, n_kv, n_heads // n_kv, head_dim)  # (B, n_kv, group, hd)
-    bytes_per_seq = 2 * span * n_kv * head_dim * kv_cache.element_size()
+    # an fp8 gather is upcast to q's dtype, so size the chunks by the larger copy
+    elem = max(kv_cache.element_size(), q.element_size())
+    bytes_per_seq = 2 * span * n_kv * head_dim * elem
     step = max(1, DECODE_GATHER_BYTES // bytes_per_seq)
     out = torch.empty_like(qg)  # (B, n_kv, group, hd)
     for start in range(0, batch, step):
         end = min(start + step, batch)
         kv = flat.index_select(1, slots[start:end].reshape(-1))  # (2, b * S, n_kv, hd)
+        if kv.dtype != q.dtype:
+            kv = kv.to(q.dtype)
         kv = kv.view(2, end - start, span, n_kv, head_dim).transpose(2, 3)  # (2, b, n_kv, S, hd)
         out[start:end] = F.scaled_dot_product_attention(
             qg[start:end], kv[0], kv[1], attn_mask=mask[start:end], scale=scale
