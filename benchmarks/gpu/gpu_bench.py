@@ -12,18 +12,23 @@ Phases, in order:
 2. ``logits``: one prefill forward of a few prompts, float32 on CPU (the reference)
    against bf16 on the GPU through the Triton backend: relative error of the logits.
 3. ``greedy``: greedy tokens of the same prompts, float32 on CPU against float32 on
-   the GPU (Triton backend): where the first mismatch is, per prompt.
+   the GPU (Triton backend): where the first mismatch is, per prompt; and bf16 on the
+   GPU with decode CUDA graphs against the same engine with ``enforce_eager``.
 4. ``kernels``: the Triton attention kernels against the torch reference on the
    GPU (mixed prefill/decode batches over shuffled block tables), and a decode
    attention timing (GB/s over the K/V bytes read).
 5. ``throughput``: ``--num-requests`` (256) requests, prompt and output lengths
    uniform in [100, 1024], EOS ignored, greedy, all submitted at once through the
-   engine (bf16, Triton attention) → ``out_tok_s``; KV blocks and how their budget
-   was sized (``kv_sizing``: weights, profiled activation peak, reserve, non-torch
-   memory); peak memory.
-6. ``batch1``: one request, 128-token prompt, 128 outputs → ``batch1_ms_per_token``.
-7. ``fp8``: phase 5's workload with fp8 weights (``quantize_model(model, "fp8")``).
-8. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
+   engine (bf16, Triton attention, decode CUDA graphs) → ``out_tok_s``; KV blocks
+   and how their budget was sized (``kv_sizing``: weights, profiled activation
+   peak, reserve, non-torch memory); peak memory; the graphs' sizes and capture
+   time. Then one request alone, 128-token prompt, 128 outputs →
+   ``batch1_ms_per_token``.
+6. ``batch1_eager``: the same batch-1 run with ``enforce_eager`` (no graphs).
+7. ``fp8_kv``: phase 5's workload with ``kv_cache_dtype="fp8"`` → ``out_tok_s`` and
+   the KV blocks the same budget buys.
+8. ``fp8``: phase 5's workload with fp8 weights (``quantization="fp8"``).
+9. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
    the first ``--hf-requests`` requests of the same workload under ``no_grad`` →
    ``hf_out_tok_s``. transformers' reference rate on an H200 is ~744 tok/s, so the
    full 256 requests would take ~3 minutes: the subset keeps the run short.
@@ -64,7 +69,6 @@ if str(ROOT / "src") not in sys.path:
 from lmfleet.engine.layers import triton_attention as ta  # noqa: E402
 from lmfleet.engine.layers.attention import paged_attention  # noqa: E402
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata  # noqa: E402
-from lmfleet.engine.layers.quant import quantize_model  # noqa: E402
 from lmfleet.engine.llm import LLM  # noqa: E402
 from lmfleet.engine.models.presets import create_model  # noqa: E402
 from lmfleet.engine.request import Request, SamplingParams  # noqa: E402
@@ -121,34 +125,25 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-# ---- the attention backend -------------------------------------------------------------
-def route_attention(model, fn: Callable) -> tuple[str, Callable[[], None]]:
-    """Send ``model``'s attention through ``fn``; returns how, and an undo.
-
-    Uses the model's ``set_attention_backend`` hook when it has one; otherwise
-    (until the hook exists) rebinds the decoder module's ``paged_attention``."""
-    setter = getattr(model, "set_attention_backend", None)
-    if setter is not None:
-        setter(fn)
-        return "set_attention_backend", lambda: setter(paged_attention)
-    import lmfleet.engine.models.llama as llama
-
-    saved = llama.paged_attention
-    llama.paged_attention = fn
-
-    def undo() -> None:
-        llama.paged_attention = saved
-
-    return "patched lmfleet.engine.models.llama.paged_attention", undo
+# ---- engines ---------------------------------------------------------------------------
+def make_llm(model_dir: str, device: str, dtype: str, backend: str = "triton", **kw) -> LLM:
+    """An engine through the real config path: the runner loads, fuses, quantizes,
+    sizes the KV cache and captures the decode CUDA graphs (unless ``enforce_eager``)."""
+    return LLM(
+        model_dir, device=device, dtype=dtype, progress=False, attention_backend=backend, **kw
+    )
 
 
-def make_llm(model_dir: str, device: str, dtype: str, backend: Callable | None, **kw) -> LLM:
-    llm = LLM(model_dir, device=device, dtype=dtype, progress=False, **kw)
-    llm.backend_hook = None  # type: ignore[attr-defined]
-    if backend is not None:
-        how, _ = route_attention(llm.core.runner.model, backend)
-        llm.backend_hook = how  # type: ignore[attr-defined]
-    return llm
+def graph_info(llm: LLM) -> dict | None:
+    graphs = llm.core.runner.graphs
+    if graphs is None:
+        return None
+    return {
+        "sizes": graphs.sizes,
+        "captured": graphs.capture_enabled,
+        "capture_s": round(graphs.capture_seconds, 2),
+        "max_context": graphs.max_context,
+    }
 
 
 # ---- workload --------------------------------------------------------------------------
@@ -248,13 +243,10 @@ def prefill_logits(model, prompts: list[list[int]], dtype: torch.dtype, device: 
     )
     ids = torch.tensor([t for p in prompts for t in p], device=device)
     pos = torch.cat([torch.arange(n) for n in lens]).to(device)
-    _, undo = route_attention(model, fn)
-    try:
-        with torch.inference_mode():
-            hidden = model(ids, pos, caches, meta)
-            return model.compute_logits(hidden).float().cpu()
-    finally:
-        undo()
+    model.set_attention_backend(fn)
+    with torch.inference_mode():
+        hidden = model(ids, pos, caches, meta)
+        return model.compute_logits(hidden).float().cpu()
 
 
 def phase_logits(args, model_dir: str, prompts) -> Callable[[float], dict]:
@@ -286,27 +278,45 @@ def phase_greedy(args, model_dir: str, prompts) -> Callable[[float], dict]:
         ref = [o.token_ids for o in cpu.generate(prompts, sp)]
         del cpu
         _free()
-        gpu = make_llm(
-            model_dir,
-            args.device,
-            "float32",
-            ta.triton_paged_attention,
-            kv_cache_memory_bytes=1 << 30,
-        )
+        gpu = make_llm(model_dir, args.device, "float32", kv_cache_memory_bytes=1 << 30)
         got = [o.token_ids for o in gpu.generate(prompts, sp)]
-        first_diff = []
-        for a, b in zip(ref, got, strict=True):
-            d = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-            first_diff.append(d)
+        graphs = graph_info(gpu)
+        del gpu
+        _free()
+        first_diff = _first_diffs(ref, got)
+        # bf16 on the GPU: decode through CUDA graphs against the same engine eager
+        bf16 = {}
+        for eager in (True, False):
+            llm = make_llm(
+                model_dir,
+                args.device,
+                args.dtype,
+                kv_cache_memory_bytes=1 << 30,
+                enforce_eager=eager,
+            )
+            bf16[eager] = [o.token_ids for o in llm.generate(prompts, sp)]
+            del llm
+            _free()
+        graph_diff = _first_diffs(bf16[True], bf16[False])
         return {
             "prompts": len(prompts),
             "tokens_each": args.greedy_tokens,
             "identical": all(d is None for d in first_diff),
             "first_mismatch_index": first_diff,
-            "backend_hook": gpu.backend_hook,  # type: ignore[attr-defined]
+            "cuda_graphs_fp32": graphs,
+            "graphs_vs_eager_bf16_identical": all(d is None for d in graph_diff),
+            "graphs_vs_eager_bf16_first_mismatch": graph_diff,
         }
 
     return run
+
+
+def _first_diffs(ref: list[list[int]], got: list[list[int]]) -> list[int | None]:
+    """Per prompt, the index of the first differing token (None: identical)."""
+    out = []
+    for a, b in zip(ref, got, strict=True):
+        out.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None))
+    return out
 
 
 def _twin_check(device: str, dtype: torch.dtype, block_size: int, seed: int) -> float:
@@ -421,22 +431,32 @@ def phase_kernels(args) -> Callable[[float], dict]:
 
 
 def phase_throughput(
-    args, model_dir: str, prompts, out_lens, quant: str | None
+    args,
+    model_dir: str,
+    prompts,
+    out_lens,
+    quant: str | None = None,
+    kv_cache_dtype: str = "auto",
+    batch1: bool = False,
 ) -> Callable[[float], dict]:
     def run(cap: float) -> dict:
+        t = time.perf_counter()
         llm = make_llm(
             model_dir,
             args.device,
             args.dtype,
-            ta.triton_paged_attention,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            quantization=quant,
+            kv_cache_dtype=kv_cache_dtype,
         )
-        rec: dict = {"backend_hook": llm.backend_hook}  # type: ignore[attr-defined]
-        if quant is not None:
-            rec["quantized_linears"] = quantize_model(llm.core.runner.model, quant)
-            _free()
+        rec: dict = {
+            "engine_start_s": round(time.perf_counter() - t, 2),
+            "quantization": quant,
+            "kv_cache_dtype": kv_cache_dtype,
+            "cuda_graphs": graph_info(llm),
+        }
         warm_up(llm)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -452,10 +472,23 @@ def phase_throughput(
             rec["peak_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             layout = llm.core.runner.layout
             rec["kv_cache_GiB"] = round(layout.num_bytes / 2**30, 2) if layout else None
-        if quant is None:
+        if batch1:
             rec["batch1"] = _batch1(llm, llm.core.vocab_size)
         del llm
         return rec
+
+    return run
+
+
+def phase_batch1_eager(args, model_dir: str) -> Callable[[float], dict]:
+    """Batch-1 decode without CUDA graphs: what the graphs save."""
+
+    def run(cap: float) -> dict:
+        llm = make_llm(
+            model_dir, args.device, args.dtype, kv_cache_memory_bytes=1 << 30, enforce_eager=True
+        )
+        warm_up(llm)
+        return _batch1(llm, llm.core.vocab_size)
 
     return run
 
@@ -640,8 +673,14 @@ def main(argv: list[str] | None = None) -> int:
         ("kernels", phase_kernels(args), 60),
         (
             "throughput",
-            phase_throughput(args, model_dir, prompts, out_lens, None),
+            phase_throughput(args, model_dir, prompts, out_lens, batch1=True),
             args.cap_throughput_s,
+        ),
+        ("batch1_eager", phase_batch1_eager(args, model_dir), 45),
+        (
+            "fp8_kv",
+            phase_throughput(args, model_dir, prompts, out_lens, kv_cache_dtype="fp8"),
+            args.cap_fp8_s,
         ),
         ("fp8", phase_throughput(args, model_dir, prompts, out_lens, "fp8"), args.cap_fp8_s),
         ("hf", phase_hf(args, model_dir, prompts, out_lens), args.cap_hf_s),
@@ -660,10 +699,16 @@ def main(argv: list[str] | None = None) -> int:
         .get("batch1_ms_per_token"),
         "kv_blocks": ph.get("throughput", {}).get("kv_blocks"),
         "peak_memory_allocated_GiB": ph.get("throughput", {}).get("peak_memory_allocated_GiB"),
+        "batch1_eager_ms_per_token": ph.get("batch1_eager", {}).get("batch1_ms_per_token"),
+        "fp8_kv_out_tok_s": ph.get("fp8_kv", {}).get("out_tok_s"),
+        "fp8_kv_blocks": ph.get("fp8_kv", {}).get("kv_blocks"),
         "fp8_out_tok_s": ph.get("fp8", {}).get("out_tok_s"),
         "hf_out_tok_s": ph.get("hf", {}).get("hf_out_tok_s"),
         "logits_rel_err": ph.get("logits", {}).get("logits_rel_err_bf16_vs_fp32"),
         "greedy_identical_fp32": ph.get("greedy", {}).get("identical"),
+        "graphs_vs_eager_bf16_identical": ph.get("greedy", {}).get(
+            "graphs_vs_eager_bf16_identical"
+        ),
         "kernels_ok": ph.get("kernels", {}).get("ok"),
         "failed_phases": [k for k, v in ph.items() if "error" in v],
         "total_s": round(time.perf_counter() - T0, 1),

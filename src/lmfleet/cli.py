@@ -50,7 +50,12 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
     same defaults (``--device``, ``--kv-cache-memory`` and the prefix-caching switch
     differ between them and stay with each). argparse checks the choices, so a typo
     fails before any weights load."""
-    from lmfleet.engine.config import ATTENTION_BACKENDS, QUANTIZATIONS, describe_choices
+    from lmfleet.engine.config import (
+        ATTENTION_BACKENDS,
+        KV_CACHE_DTYPES,
+        QUANTIZATIONS,
+        describe_choices,
+    )
 
     g.add_argument(
         "--dtype",
@@ -105,6 +110,30 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="weight quantization of the decoder layers (embeddings and lm_head stay in "
         f"--dtype). {describe_choices(QUANTIZATIONS)} (default: %(default)s)",
     )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=list(KV_CACHE_DTYPES),
+        help="storage dtype of the paged KV cache (queries and the attention math stay "
+        f"in --dtype). {describe_choices(KV_CACHE_DTYPES)} (default: %(default)s)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="never capture CUDA graphs: every decode step launches its kernels one by "
+        "one (slower at small batches; for debugging). By default, on CUDA with the "
+        "Triton backend, decode steps of up to 512 sequences replay graphs captured at "
+        "startup",
+    )
+    g.add_argument(
+        "--max-seq-len-to-capture",
+        type=int,
+        default=8192,
+        metavar="TOKENS",
+        help="decode steps whose sequences are all at most this long replay CUDA graphs; "
+        "a longer context runs its steps eagerly (the graphs' block tables are this "
+        "wide) (default: %(default)s)",
+    )
 
 
 def _engine_config(args: argparse.Namespace, model: str):
@@ -123,10 +152,13 @@ def _engine_config(args: argparse.Namespace, model: str):
         seed=args.seed,
         attention_backend=args.attention_backend,
         quantization=quantization_setting(args.quantization),
+        enforce_eager=args.enforce_eager,
+        max_seq_len_to_capture=args.max_seq_len_to_capture,
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )

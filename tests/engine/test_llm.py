@@ -141,8 +141,10 @@ def test_int8_quantized_engine_generates(tiny_model_dir):
     quant = LLM(str(tiny_model_dir), progress=False, quantization="int8")
     out = quant.generate(prompts(2), GREEDY)
     assert [len(o.token_ids) for o in out] == [12, 12]
-    layer = quant.core.runner.model.model.layers[0].self_attn
-    assert type(layer.q_proj).__name__ == "Int8WeightOnlyLinear"
+    layer = quant.core.runner.model.model.layers[0]
+    # the runner fuses q/k/v and gate/up first, then quantizes the fused layers
+    assert type(layer.self_attn.qkv_proj).__name__ == "Int8WeightOnlyLinear"
+    assert type(layer.mlp.gate_up_proj).__name__ == "Int8WeightOnlyLinear"
 
 
 def test_engine_settings_are_validated(tiny_model_dir):

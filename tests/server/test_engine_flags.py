@@ -1,12 +1,15 @@
-"""``lmfleet serve --attention-backend / --quantization``: listed, checked by
-argparse before anything loads, and carried by ``ServerSettings`` into the engine
-config."""
+"""``lmfleet serve --attention-backend / --quantization / --kv-cache-dtype``: listed,
+checked by argparse before anything loads, and carried by ``ServerSettings`` into the
+engine config."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from lmfleet.cli import build_parser, main
+from lmfleet.errors import ConfigError
 from lmfleet.server.settings import ServerSettings
 
 
@@ -18,10 +21,13 @@ def test_help_lists_and_explains_the_choices(capsys):
     assert "--attention-backend {auto,triton,torch}" in text
     assert "--quantization {none,int8,fp8}" in text
     assert "H100/H200-class GPU" in text and "weight-only int8" in text
+    assert "--kv-cache-dtype {auto,fp8}" in text
+    assert "auto: the model's --dtype" in text and "fp8: float8 e4m3 with scale 1.0" in text
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--quantization", "int4"), ("--attention-backend", "flash")]
+    ("flag", "value"),
+    [("--quantization", "int4"), ("--attention-backend", "flash"), ("--kv-cache-dtype", "e5m2")],
 )
 def test_bad_value_fails_before_loading(flag, value, capsys, monkeypatch):
     import lmfleet.server.serve as serve
@@ -47,6 +53,45 @@ def test_flags_reach_the_engine_config(tmp_path):
     assert (cfg.model.attention_backend, cfg.model.quantization) == ("torch", "int8")
     cfg = ServerSettings.from_args(build_parser().parse_args(argv)).engine_config()
     assert (cfg.model.attention_backend, cfg.model.quantization) == ("auto", None)
+    assert cfg.cache.kv_cache_dtype == "auto"
+
+
+def test_kv_cache_dtype_reaches_the_engine_config(tmp_path):
+    args = build_parser().parse_args(["serve", str(tmp_path), "--kv-cache-dtype", "fp8"])
+    s = ServerSettings.from_args(args)
+    assert s.kv_cache_dtype == "fp8"
+    assert s.engine_config().cache.kv_cache_dtype == "fp8"
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        ServerSettings(model=str(tmp_path), device="cpu", kv_cache_dtype="int8").engine_config()
+
+
+def test_replica_serves_with_an_fp8_kv_cache(tiny_model_dir):
+    """A replica started from ``--kv-cache-dtype fp8`` answers a chat request from an
+    fp8 cache with 4x the blocks the same budget buys the CPU's float32 model."""
+    import asyncio
+
+    import torch
+
+    from lmfleet.server.replica import Replica
+
+    from .conftest import KV_BYTES, chat_body, serving
+
+    argv = ["serve", str(tiny_model_dir), "--device", "cpu", "--kv-cache-dtype", "fp8"]
+    argv += ["--kv-cache-memory", str(KV_BYTES), "--max-model-len", "512"]
+    settings = ServerSettings.from_args(build_parser().parse_args(argv))
+    settings = replace(settings, progress=False, served_model_names=("tiny",))
+
+    async def main() -> None:
+        async with serving(tiny_model_dir, replica=Replica(settings)) as (client, rep):
+            r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=4))
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
+            runner = rep.engine.core.runner
+            assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
+            # the tiny model's float32 cache: 512 blocks of 16 tokens in KV_BYTES
+            assert rep.engine.stats().num_blocks == 4 * 512
+
+    asyncio.run(main())
 
 
 def test_extra_engine_settings_override_the_flat_ones(tmp_path):
@@ -54,3 +99,12 @@ def test_extra_engine_settings_override_the_flat_ones(tmp_path):
         model=str(tmp_path), device="cpu", quantization="int8", extra_engine={"quantization": "fp8"}
     )
     assert s.engine_config().model.quantization == "fp8"
+
+
+def test_cuda_graph_flags_reach_the_engine_config(tmp_path):
+    argv = ["serve", str(tmp_path), "--enforce-eager", "--max-seq-len-to-capture", "4096"]
+    s = ServerSettings.from_args(build_parser().parse_args(argv))
+    cfg = s.engine_config()
+    assert (cfg.model.enforce_eager, cfg.model.max_seq_len_to_capture) == (True, 4096)
+    cfg = ServerSettings.from_args(build_parser().parse_args(["serve", str(tmp_path)]))
+    assert cfg.engine_config().model.enforce_eager is False

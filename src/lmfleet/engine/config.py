@@ -32,6 +32,16 @@ QUANTIZATIONS: dict[str, str] = {
     "activations (needs an H100/H200-class GPU, compute capability 8.9+; elsewhere "
     "the weights are dequantized on the fly: less memory, slower)",
 }
+#: KV cache storage dtypes (vLLM's ``--kv-cache-dtype`` names) and their trade-offs
+KV_CACHE_DTYPES: dict[str, str] = {
+    "auto": "the model's --dtype (no rounding of K/V)",
+    "fp8": "float8 e4m3 with scale 1.0, values saturated at +-448: half the KV bytes of "
+    "bf16 (a quarter of fp32), so twice the cached tokens in the same memory and half "
+    "the bytes decode attention reads; each K/V element keeps 3 mantissa bits (rounding "
+    "error up to 1/16 of its value; magnitudes below 2^-6 lose more), so logits drift slightly and greedy tokens can "
+    "differ after a near tie; the Triton kernels need compute capability 8.9+ "
+    "(H100/H200), the torch backend runs anywhere",
+}
 #: what the KV budget leaves free on an accelerator beyond the profiled peak: CUDA
 #: graphs and the caching allocator's fragmentation are not in that peak
 DEFAULT_MEMORY_RESERVE_BYTES = 256 * 2**20
@@ -73,6 +83,11 @@ class ModelConfig:
     attention_backend: str = "auto"
     #: weight quantization of the decoder layers: None, "int8" or "fp8"
     quantization: str | None = None
+    #: never capture CUDA graphs: every step runs its kernels one by one (debugging)
+    enforce_eager: bool = False
+    #: decode steps whose contexts are all at most this long replay CUDA graphs;
+    #: longer ones run eagerly (the graphs' block tables are this wide)
+    max_seq_len_to_capture: int = 8192
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must name a model directory")
@@ -90,6 +105,11 @@ class ModelConfig:
             self.sim_time_scale > 0,
             "sim_time_scale",
             f"must be positive, got {self.sim_time_scale}",
+        )
+        _check(
+            self.max_seq_len_to_capture > 0,
+            "max_seq_len_to_capture",
+            f"must be positive, got {self.max_seq_len_to_capture}",
         )
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         _check(
@@ -117,8 +137,15 @@ class CacheConfig:
     num_blocks_override: int | None = None
     #: accelerator memory kept out of the KV budget for CUDA graphs and fragmentation
     memory_reserve_bytes: int = DEFAULT_MEMORY_RESERVE_BYTES
+    #: KV cache storage: "auto" (the model dtype) or "fp8" (float8 e4m3, scale 1.0)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {self.kv_cache_dtype!r}",
+        )
         _check(
             self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
             "block_size",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from lmfleet.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from lmfleet.engine.kv_sizing import (
     CudaMemoryProbe,
     KVSizing,
@@ -30,7 +31,8 @@ from lmfleet.engine.kv_sizing import (
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import Sampler, SamplingBatch
-from lmfleet.engine.layers.triton_attention import attention_backend
+from lmfleet.engine.layers.triton_attention import attention_backend, triton_paged_attention
+from lmfleet.engine.layers.triton_fused import triton_fused_ops
 from lmfleet.engine.models.loader import load_model
 from lmfleet.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from lmfleet.engine.request import Request, SamplingParams
@@ -88,14 +90,20 @@ class ModelRunner:
 
         arch = ArchConfig.from_dir(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype, self.device, arch.torch_dtype)
+        self.kv_dtype = torch.float8_e4m3fn if cache_config.kv_cache_dtype == "fp8" else self.dtype
         loaded = load_model(
             model_config.model, dtype=self.dtype, device=self.device, progress=progress
         )
         self.loaded = loaded
         self.model = loaded.model.eval()
-        self.model.set_attention_backend(
-            attention_backend(self.device, model_config.attention_backend)
-        )
+        # q/k/v and gate/up as one GEMM each (before quantizing: the fused weights
+        # get their own per-channel scales, the same ones as separately)
+        self.model.fuse_projections()
+        self.attn_fn = attention_backend(self.device, model_config.attention_backend)
+        self.model.set_attention_backend(self.attn_fn)
+        if self.attn_fn is triton_paged_attention:
+            # with the Triton attention come the fused norm, rotary and silu kernels
+            self.model.set_fused_ops(triton_fused_ops())
         if model_config.quantization is not None:
             count = quantize_model(self.model, model_config.quantization)
             logger.info("quantized %d linear layers to %s", count, model_config.quantization)
@@ -112,6 +120,8 @@ class ModelRunner:
             memory_probe = CudaMemoryProbe(self.device)
         self.memory_probe = memory_probe
         self._staging: StagingBuffer | None = None
+        #: decode CUDA graphs over the current KV cache (None: every step eager)
+        self.graphs: DecodeGraphs | None = None
         self._generators: dict[str, torch.Generator] = {}
         self.asleep = False
 
@@ -125,15 +135,29 @@ class ModelRunner:
     def plan_kv_cache(self) -> KVCacheLayout:
         """How many blocks the KV budget buys. On an accelerator with no explicit
         budget this profiles a forward first (see :meth:`profile_kv_sizing`)."""
+        from lmfleet.engine.layers.triton_attention import fp8_kv_supported, triton_available
+
         cfg = self.cache_config
-        bytes_per_block = self.arch.kv_bytes_per_token(self.dtype) * self.block_size
+        backend = self.model_config.attention_backend
+        if (
+            cfg.kv_cache_dtype == "fp8"
+            and self.device.type == "cuda"
+            and (backend == "triton" or (backend == "auto" and triton_available()))
+            and not fp8_kv_supported(self.device)
+        ):
+            raise ConfigError(
+                "kv_cache_dtype: fp8 with the Triton kernels needs compute capability 8.9+ "
+                f"(H100/H200 class) and {self.device} has less; use --attention-backend "
+                "torch or --kv-cache-dtype auto"
+            )
+        bytes_per_block = self.arch.kv_bytes_per_token(self.kv_dtype) * self.block_size
         if cfg.num_blocks_override is not None:
             num_blocks = cfg.num_blocks_override
         elif cfg.kv_cache_memory_bytes is not None:
             num_blocks = cfg.kv_cache_memory_bytes // bytes_per_block
         elif self.memory_probe is not None:
             self.kv_sizing = self.profile_kv_sizing(self.memory_probe, bytes_per_block)
-            logger.info("KV cache sizing: %s", self.kv_sizing.describe())
+            logger.info("KV cache sizing (%s): %s", self.kv_dtype, self.kv_sizing.describe())
             num_blocks = self.kv_sizing.num_blocks
             if num_blocks < 2:
                 raise ConfigError(_too_small_message(self.kv_sizing))
@@ -142,7 +166,8 @@ class ModelRunner:
         if num_blocks < 2:
             raise ConfigError(
                 f"kv_cache_memory_bytes: the KV budget holds {num_blocks} blocks of "
-                f"{bytes_per_block} bytes; give at least {2 * bytes_per_block} bytes"
+                f"{bytes_per_block} bytes ({self.kv_dtype}); give at least "
+                f"{2 * bytes_per_block} bytes"
             )
         return KVCacheLayout(num_blocks, self.block_size, bytes_per_block)
 
@@ -210,7 +235,7 @@ class ModelRunner:
         arch = self.arch
         shape = (2, num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
         return [
-            factory(shape, dtype=self.dtype, device=self.device)
+            factory(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(arch.num_hidden_layers)
         ]
 
@@ -224,6 +249,40 @@ class ModelRunner:
             layout.num_tokens,
             layout.num_bytes / 2**20,
         )
+        if self._graphs_wanted():
+            self.use_decode_graphs(capture=True)
+
+    # ---- CUDA graphs ---------------------------------------------------------------
+    def _graphs_wanted(self) -> bool:
+        """Graphs on CUDA with the Triton backend (the torch backend reads host-side
+        lists every step, which a graph cannot replay) unless ``enforce_eager``."""
+        return (
+            self.device.type == "cuda"
+            and not self.model_config.enforce_eager
+            and self.attn_fn is triton_paged_attention
+        )
+
+    @torch.inference_mode()
+    def use_decode_graphs(self, *, capture: bool) -> None:
+        """Run decode steps through :class:`DecodeGraphs` over the current KV cache:
+        recorded CUDA graphs (``capture=True``), or the same padded fixed-address
+        forward run eagerly (``capture=False``: tests the padding on CPU)."""
+        max_len = min(self.model_config.max_seq_len_to_capture, self.max_seq_len)
+        self.graphs = DecodeGraphs(
+            lambda ids, pos, meta: self.model(ids, pos, self.kv_caches, meta),
+            device=self.device,
+            sizes=capture_sizes(self.scheduler_config.max_num_seqs),
+            width=-(-max_len // self.block_size),
+            block_size=self.block_size,
+            capture=capture,
+        )
+        if capture:
+            seconds = self.graphs.capture()
+            logger.info(
+                "captured CUDA graphs for decode batch sizes %s in %.1fs",
+                self.graphs.sizes,
+                seconds,
+            )
 
     # ---- one step ------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,8 +309,10 @@ class ModelRunner:
     def _logits(self, step: StepInputs) -> torch.Tensor | None:
         """Run the model over the step; float32 logits (S, V) of the sampled rows,
         or None when no request samples this step."""
-        # (T, hidden)
-        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+        if step.graph_size is not None and self.graphs is not None:
+            hidden = self.graphs.run(step.graph_size)  # (padded B, hidden)
+        else:  # (T, hidden)
+            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
         if step.sample_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden.index_select(0, step.sample_rows))  # (S, V)
@@ -266,12 +327,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _prepare(self, sched: SchedulerOutput) -> StepInputs:
-        """Pack the step's inputs into the staging buffer and move them in one copy."""
+        """Pack the step's inputs into the staging buffer and move them in one copy:
+        into the decode graphs' input buffer, padded to a captured batch size, when
+        a graph can run the step; else into the staging buffer's device side."""
         step = StepPlan.gather(sched)
-        lay = step.layout()
+        graph_size = self.graphs.size_for(step) if self.graphs is not None else None
+        if graph_size is not None and self.graphs is not None:
+            lay = self.graphs.layout(graph_size, int(step.samples.sum()))
+            into: torch.Tensor | None = self.graphs.inputs
+        else:
+            lay, into = step.layout(), None
         staging = self._staging_buffer(lay.size)
         qsl, seq_lens = step.write(staging.host_view(lay.size), lay, self.block_size)
-        dev = staging.to_device(lay.size)
+        dev = staging.to_device(lay.size, into=into)
         tables = dev[lay.table].view(torch.int32)[: lay.table_entries].view(lay.num_seqs, -1)
         meta = AttentionMetadata(
             slot_mapping=dev[lay.slots],
@@ -284,7 +352,7 @@ class ModelRunner:
             max_query_len=int(step.count.max()),
             max_seq_len=max(seq_lens),
         )
-        return StepInputs(dev[lay.ids], dev[lay.positions], meta, dev[lay.sample_rows])
+        return StepInputs(dev[lay.ids], dev[lay.positions], meta, dev[lay.sample_rows], graph_size)
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.sampling_params.seed
@@ -307,6 +375,7 @@ class ModelRunner:
             for b in self.model.buffers():
                 b.data = b.data.to("cpu")
         self.kv_caches = []
+        self.graphs = None  # they point at the freed cache; captured again on wake
         self._staging = None  # reallocated at the next step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

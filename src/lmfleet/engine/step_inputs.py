@@ -17,7 +17,6 @@ import torch
 
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.outputs import SchedulerOutput
-from lmfleet.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ def _aligned(offset: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class _PackLayout:
+class PackLayout:
     """Where each step input sits in the int64 staging buffer. The block table is
     int32 (what the attention kernels read), two entries per int64 slot."""
 
@@ -63,25 +62,28 @@ class _PackLayout:
         return self._after(self.query_start_loc, self.num_seqs)
 
     @property
-    def sample_rows(self) -> slice:
-        return self._after(self.seq_lens, self.num_samples)
-
-    @property
     def table_entries(self) -> int:
         return self.num_seqs * self.width
 
     @property
     def table(self) -> slice:
-        return self._after(self.sample_rows, (self.table_entries + 1) // 2)
+        return self._after(self.seq_lens, (self.table_entries + 1) // 2)
+
+    @property
+    def sample_rows(self) -> slice:
+        # last, so that every other input's place depends only on the token count,
+        # the sequence count and the table width: a captured CUDA graph reads them
+        # at fixed addresses while the number of sampled rows varies
+        return self._after(self.table, self.num_samples)
 
     @property
     def size(self) -> int:
-        return self.table.stop
+        return self.sample_rows.stop
 
 
 def pack_capacity(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
     """int64 slots the largest step can need (every sequence samples)."""
-    return _PackLayout(max_tokens, max_seqs, max_seqs, max_blocks_per_seq).size
+    return PackLayout(max_tokens, max_seqs, max_seqs, max_blocks_per_seq).size
 
 
 class StagingBuffer:
@@ -120,11 +122,13 @@ class StagingBuffer:
             self._allocate(max(n, 2 * self.capacity))
         return self._host_np[:n]
 
-    def to_device(self, n: int) -> torch.Tensor:
-        """The first ``n`` slots on the device, queued as one non-blocking copy."""
-        if self.dev is self.host:
+    def to_device(self, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The first ``n`` slots on the device, queued as one non-blocking copy: into
+        this buffer's device side, or into ``into`` (int64, at least ``n`` slots: a
+        CUDA graph's fixed input buffer)."""
+        if into is None and self.dev is self.host:
             return self.host[:n]
-        dst = self.dev[:n]
+        dst = (self.dev if into is None else into)[:n]
         dst.copy_(self.host[:n], non_blocking=True)
         if self._event is not None:
             self._event.record(torch.cuda.current_stream(self.device))
@@ -141,16 +145,9 @@ class StepInputs:
     positions: torch.Tensor  # (T,) int64
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
-
-
-def _new_token_ids(request: Request, start: int, end: int) -> list[int]:
-    """Token ids ``start:end`` of the request's prompt followed by its outputs."""
-    n_prompt = request.num_prompt_tokens
-    if start >= n_prompt:
-        return request.output_token_ids[start - n_prompt : end - n_prompt]
-    if end <= n_prompt:
-        return request.prompt_token_ids[start:end]
-    return request.prompt_token_ids[start:] + request.output_token_ids[: end - n_prompt]
+    #: the decode graph's batch size when a CUDA graph (or its eager twin) runs the
+    #: step; the tensors above are then views of that graph's padded input buffer
+    graph_size: int | None = None
 
 
 @dataclass(slots=True)
@@ -173,7 +170,7 @@ class StepPlan:
         starts, counts, num_blocks, samples = [], [], [], []
         for item in sched.scheduled:
             start = item.request.num_computed_tokens
-            tokens += _new_token_ids(item.request, start, start + item.num_new_tokens)
+            tokens += item.request.token_ids_between(start, start + item.num_new_tokens)
             block_ids += item.block_ids
             starts.append(start)
             counts.append(item.num_new_tokens)
@@ -188,30 +185,55 @@ class StepPlan:
             np.array(samples, dtype=bool),
         )
 
-    def layout(self) -> _PackLayout:
+    def layout(self) -> PackLayout:
         num_samples = int(self.samples.sum())
-        return _PackLayout(
+        return PackLayout(
             len(self.tokens), len(self.count), num_samples, int(self.num_blocks.max())
         )
 
-    def write(self, buf: np.ndarray, lay: _PackLayout, bs: int) -> tuple[list[int], list[int]]:
+    def write(self, buf: np.ndarray, lay: PackLayout, bs: int) -> tuple[list[int], list[int]]:
         """Fill ``buf`` (int64, ``lay.size``) with every input; returns the query start
-        offsets and sequence lengths as lists for the host side of the metadata."""
-        qsl = buf[lay.query_start_loc]  # (B + 1,)
+        offsets and sequence lengths of the real sequences as lists for the host side
+        of the metadata.
+
+        ``lay`` may be larger than :meth:`layout` (a CUDA graph's fixed shape): the
+        rows past the real ones are padding sequences of one token each, with token
+        id 0 at position 0, slot -1 (the KV write skips it), context length 0 (the
+        attention reads nothing) and an all-zero block-table row; table rows are
+        zero past each sequence's blocks.
+        """
+        num_seqs, num_tokens = len(self.count), len(self.tokens)
+        pad = lay.num_seqs - num_seqs
+        if pad < 0 or lay.num_tokens - num_tokens != pad or lay.width < self.num_blocks.max():
+            raise ValueError(
+                f"layout {lay} cannot hold {num_seqs} sequences, {num_tokens} tokens and "
+                f"{int(self.num_blocks.max())} blocks per sequence (padding sequences hold "
+                "one token each)"
+            )
+        qsl = buf[lay.query_start_loc]  # (Bp + 1,)
         qsl[0] = 0
-        np.cumsum(self.count, out=qsl[1:])
-        seq_lens = buf[lay.seq_lens]  # (B,)
-        np.add(self.start, self.count, out=seq_lens)
-        buf[lay.ids] = self.tokens
+        np.cumsum(self.count, out=qsl[1 : num_seqs + 1])
+        qsl[num_seqs + 1 :] = num_tokens + np.arange(1, pad + 1)
+        seq_lens = buf[lay.seq_lens]  # (Bp,)
+        np.add(self.start, self.count, out=seq_lens[:num_seqs])
+        seq_lens[num_seqs:] = 0
+        ids = buf[lay.ids]  # (Tp,)
+        ids[:num_tokens] = self.tokens
+        ids[num_tokens:] = 0
         # token t of sequence i sits at position start_i + t - qsl_i
-        positions = buf[lay.positions]  # (T,)
-        offsets = np.repeat(self.start - qsl[:-1], self.count)  # (T,)
-        np.add(np.arange(lay.num_tokens, dtype=np.int64), offsets, out=positions)
+        positions = buf[lay.positions]  # (Tp,)
+        offsets = np.repeat(self.start - qsl[:num_seqs], self.count)  # (T,)
+        np.add(np.arange(num_tokens, dtype=np.int64), offsets, out=positions[:num_tokens])
+        positions[num_tokens:] = 0
         table = buf[lay.table].view(np.int32)[: lay.table_entries].reshape(lay.num_seqs, -1)
         table[:] = 0
-        table[np.arange(lay.width) < self.num_blocks[:, None]] = self.block_ids  # row by row
-        seq_of_token = np.repeat(np.arange(lay.num_seqs), self.count)  # (T,)
-        block_of_token = table[seq_of_token, positions // bs].astype(np.int64)  # (T,)
-        buf[lay.slots] = block_of_token * bs + positions % bs
-        buf[lay.sample_rows] = qsl[1:][self.samples] - 1
-        return qsl.tolist(), seq_lens.tolist()
+        real = table[:num_seqs]  # (B, width)
+        real[np.arange(lay.width) < self.num_blocks[:, None]] = self.block_ids  # row by row
+        seq_of_token = np.repeat(np.arange(num_seqs), self.count)  # (T,)
+        pos = positions[:num_tokens]
+        block_of_token = real[seq_of_token, pos // bs].astype(np.int64)  # (T,)
+        slots = buf[lay.slots]  # (Tp,)
+        slots[:num_tokens] = block_of_token * bs + pos % bs
+        slots[num_tokens:] = -1
+        buf[lay.sample_rows] = qsl[1 : num_seqs + 1][self.samples] - 1
+        return qsl[: num_seqs + 1].tolist(), seq_lens[:num_seqs].tolist()

@@ -50,6 +50,12 @@ class ServerSettings:
     attention_backend: str = "auto"
     #: weight quantization: None (or "none"), "int8" or "fp8"
     quantization: str | None = None
+    #: KV cache storage: "auto" (the model dtype) or "fp8" (float8 e4m3)
+    kv_cache_dtype: str = "auto"
+    #: no CUDA graphs for decode steps
+    enforce_eager: bool = False
+    #: decode steps with longer contexts than this run eagerly
+    max_seq_len_to_capture: int = 8192
     progress: bool = True
     #: run the engine core in its own process (not a thread of the server's)
     engine_process: bool = False
@@ -122,10 +128,13 @@ class ServerSettings:
             "seed": self.seed,
             "attention_backend": self.attention_backend,
             "quantization": quantization_setting(self.quantization),
+            "enforce_eager": self.enforce_eager,
+            "max_seq_len_to_capture": self.max_seq_len_to_capture,
             "block_size": self.block_size,
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enable_prefix_caching": self.enable_prefix_caching,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
         }

@@ -74,10 +74,19 @@ def _save_hf(config: object, out: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(params=list(CASES))
+@pytest.fixture(params=[(case, fused) for case in CASES for fused in (False, True)])
 def pair(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[torch.nn.Module, object]:
-    hf = _save_hf(CASES[request.param](), tmp_path)
+    """HF's model and ours, the latter with fused q/k/v and gate/up projections in the
+    ``fused`` cases (what the engine's runner runs)."""
+    case, fused = request.param
+    hf = _save_hf(CASES[case](), tmp_path)
     ours = load_model(tmp_path, dtype=torch.float32, device="cpu", progress=False)
+    if fused:
+        ours.model.fuse_projections()
+        names = {name for name, _ in ours.model.named_parameters()}
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names
+        assert "model.layers.0.mlp.gate_up_proj.weight" in names
+        assert not any(".q_proj." in n or ".up_proj." in n for n in names)
     return hf, ours
 
 

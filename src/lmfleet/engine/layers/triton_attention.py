@@ -17,6 +17,11 @@ whole context, reading K/V in place through the block table. Two launches per la
   that needs no host-side bookkeeping; each program finds its sequence by binary
   search, and programs past a sequence's last query block return at once.
 
+With a float8 e4m3 cache (``--kv-cache-dtype fp8``) the write kernel saturates K/V
+to +-448 and rounds them on store (scale 1.0); the attention kernel loads fp8 tiles,
+converts them to the query dtype before the products and rounds P to the query
+dtype. The compiled kernels need compute capability 8.9+ for fp8.
+
 Triton is imported lazily: this module imports without it (CPU CI), and the
 functions raise :class:`TritonUnavailable` only when called. With
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter,
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 
+from lmfleet.engine.layers.attention import FP8_KV_MAX, is_fp8
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 
 #: the softmax runs in base 2: exp(x) = exp2(x * log2(e))
@@ -89,6 +95,7 @@ def _kernels() -> dict[str, Any]:
         HEAD_DIM: tl.constexpr,
         HEADS_PAD: tl.constexpr,
         DIM_PAD: tl.constexpr,
+        FP8_MAX: tl.constexpr,  # > 0: saturate to +-FP8_MAX before the cast to fp8
     ):
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -98,9 +105,33 @@ def _kernels() -> dict[str, Any]:
             mask = (h < N_KV) & (d < HEAD_DIM)
             k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
             v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+            if FP8_MAX > 0:
+                # saturate and round to the e4m3 grid in fp32 (exact for bf16/fp16 inputs;
+                # the interpreter has no bf16 arithmetic), round to nearest even by the fp32
+                # adder: adding 2^23 ulps of the e4m3 spacing at |x| (2^-9 below 2^-6)
+                # drops the bits below that spacing. The cast that follows is then exact,
+                # so every backend stores the bytes of torch's cast; the interpreter's own
+                # fp8 cast truncates subnormals and rounds ties away from zero.
+                k = tl.maximum(k.to(tl.float32), -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                k = tl.minimum(k, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                v = tl.maximum(v.to(tl.float32), -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                v = tl.minimum(v, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                k_bits = k.to(tl.int32, bitcast=True)
+                v_bits = v.to(tl.int32, bitcast=True)
+                # biased exponent of 2^23 e4m3 spacings: fp32 exponent - 3 mantissa bits + 23
+                k_magic = ((tl.maximum((k_bits >> 23) & 0xFF, 121) + 20) << 23).to(
+                    tl.float32, bitcast=True
+                )
+                v_magic = ((tl.maximum((v_bits >> 23) & 0xFF, 121) + 20) << 23).to(
+                    tl.float32, bitcast=True
+                )
+                k_abs = (tl.abs(k) + k_magic) - k_magic
+                v_abs = (tl.abs(v) + v_magic) - v_magic
+                k = tl.where(k_bits < 0, -k_abs, k_abs)  # the sign bit: -0 stays -0
+                v = tl.where(v_bits < 0, -v_abs, v_abs)
             dst = cache_ptr + slot * cache_slot_stride + h * cache_head_stride + d
-            tl.store(dst, k, mask=mask)
-            tl.store(dst + cache_kv_stride, v, mask=mask)
+            tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + cache_kv_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _paged_attention_kernel(
@@ -188,6 +219,10 @@ def _kernels() -> dict[str, Any]:
                 if UPCAST:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
+                else:
+                    # an fp8 cache is read as the query dtype (a no-op otherwise)
+                    k = k.to(q_ptr.dtype.element_ty)
+                    v = v.to(q_ptr.dtype.element_ty)
 
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (M, N)
@@ -202,8 +237,9 @@ def _kernels() -> dict[str, Any]:
                 alpha = tl.exp2(m_i - m_new)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None]
-                # P is rounded to the cache dtype, as flash attention does
-                p = p.to(cache_ptr.dtype.element_ty).to(v.dtype)
+                # P is rounded to the query dtype (the cache's, unless that is fp8), as
+                # flash attention does
+                p = p.to(q_ptr.dtype.element_ty).to(v.dtype)
                 if IEEE:
                     acc += tl.dot(p, v, input_precision="ieee")
                 else:
@@ -226,6 +262,31 @@ def _kernels() -> dict[str, Any]:
         "attention": _paged_attention_kernel,
         "next_power_of_2": triton.next_power_of_2,
     }
+
+
+def fp8_kv_supported(device: torch.device | str) -> bool:
+    """Whether the compiled kernels can load and store a float8 e4m3 cache on
+    ``device``: CUDA compute capability 8.9+ (Ada, Hopper), or the interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _interpreting()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    """A CUDA device's compute capability, read once (checked on every launch)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def _check_fp8_device(device: torch.device) -> None:
+    if not fp8_kv_supported(device):
+        raise ValueError(
+            f"kv_cache_dtype fp8: the Triton kernels need compute capability 8.9+ for "
+            f"float8 e4m3 (H100/H200 class), {device} has less; use "
+            "--attention-backend torch or --kv-cache-dtype auto"
+        )
 
 
 def _check_cache(kv_cache: torch.Tensor) -> None:
@@ -253,10 +314,11 @@ def triton_write_kv(
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    if k.dtype != kv_cache.dtype:
-        k = k.to(kv_cache.dtype)
-    if v.dtype != kv_cache.dtype:
-        v = v.to(kv_cache.dtype)
+    fp8 = is_fp8(kv_cache.dtype)
+    if fp8:
+        _check_fp8_device(kv_cache.device)
+    elif k.dtype != kv_cache.dtype or v.dtype != kv_cache.dtype:
+        k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
     # the cache's block and position dims collapse into one slot stride
     if kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
         raise ValueError("kv_cache's blocks must be laid out back to back")
@@ -277,6 +339,7 @@ def triton_write_kv(
         HEAD_DIM=head_dim,
         HEADS_PAD=nxt(n_kv),
         DIM_PAD=nxt(head_dim),
+        FP8_MAX=FP8_KV_MAX if fp8 else 0.0,
     )
 
 
@@ -309,7 +372,9 @@ def triton_attention(
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    if q.dtype != kv_cache.dtype:
+    if is_fp8(kv_cache.dtype):
+        _check_fp8_device(kv_cache.device)  # q keeps its dtype: K/V convert to it
+    elif q.dtype != kv_cache.dtype:
         q = q.to(kv_cache.dtype)
     nxt = kern["next_power_of_2"]
     group = n_heads // n_kv
@@ -342,8 +407,8 @@ def triton_attention(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_Q=cfg["BLOCK_Q"],
         TILE_N=32 if meta.block_size <= 16 else 64,
-        IEEE=kv_cache.dtype == torch.float32,
-        UPCAST=_interpreting() and kv_cache.dtype != torch.float32,
+        IEEE=q.dtype == torch.float32,
+        UPCAST=_interpreting() and (q.dtype, kv_cache.dtype) != (torch.float32, torch.float32),
         num_warps=cfg["num_warps"],
     )
     return out
@@ -365,6 +430,13 @@ def triton_paged_attention(
     :class:`TritonUnavailable` when Triton is missing.
     """
     triton_write_kv(k, v, kv_cache, meta.slot_mapping)
+    if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
+        # a decode step too small to fill the GPU: split each context (flash decoding)
+        from lmfleet.engine.layers.triton_decode import decode_splits_for, triton_decode_attention
+
+        splits = decode_splits_for(q.shape[0], kv_cache.shape[3], q.device)
+        if splits > 1:
+            return triton_decode_attention(q, kv_cache, meta, scale, num_splits=splits)
     return triton_attention(q, kv_cache, meta, scale)
 
 
@@ -395,6 +467,7 @@ def attention_backend(device: torch.device | str, name: str = "auto") -> Attenti
 __all__ = [
     "TritonUnavailable",
     "attention_backend",
+    "fp8_kv_supported",
     "triton_attention",
     "triton_available",
     "triton_paged_attention",

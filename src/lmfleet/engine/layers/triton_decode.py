@@ -67,6 +67,11 @@ def decode_num_splits(num_seqs: int, n_kv: int, num_sms: int, max_splits: int = 
     return max(1, min(max_splits, -(-target // programs)))
 
 
+def decode_splits_for(num_seqs: int, n_kv: int, device: torch.device) -> int:
+    """:func:`decode_num_splits` with ``device``'s SM count (8 on CPU)."""
+    return decode_num_splits(num_seqs, n_kv, _num_sms(device))
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -350,4 +355,8 @@ def triton_decode_attention(
     return out
 
 
-__all__ = ["decode_num_splits", "triton_decode_attention"]
+__all__ = [
+    "decode_num_splits",
+    "decode_splits_for",
+    "triton_decode_attention",
+]

@@ -21,6 +21,7 @@ from lmfleet.engine.layers.attention import paged_attention
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.norm import RMSNorm
 from lmfleet.engine.layers.rotary import RotaryEmbedding
+from lmfleet.engine.layers.triton_fused import FusedOps
 from lmfleet.engine.models.config import ArchConfig
 
 
@@ -37,6 +38,9 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
+        #: q, k and v in one GEMM once :meth:`fuse_projections` ran
+        self.qkv_proj: nn.Linear | None = None
+        self._qkv_sizes = (q_size, kv_size, kv_size)
         if cfg.qk_norm:
             self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -47,6 +51,9 @@ class LlamaAttention(nn.Module):
         self._rotary = (rotary,)
         #: the paged-attention backend (CPU reference or Triton), same signature
         self.attn_fn = paged_attention
+        #: fused q/k norm + rotary kernel when set (see ``set_fused_ops``)
+        self.ops: FusedOps | None = None
+        self.eps = cfg.rms_norm_eps
 
     def forward(
         self,
@@ -56,15 +63,39 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.n_heads, self.head_dim)  # (T, n_heads, hd)
-        k = self.k_proj(x).view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
-        v = self.v_proj(x).view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self._rotary[0](positions, q, k)
+        if self.qkv_proj is not None:
+            # views of one (T, q + 2 kv) output: rows keep its stride
+            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(num_tokens, self.n_heads, self.head_dim)  # (T, n_heads, hd)
+        k = k.view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
+        v = v.view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
+        rotary = self._rotary[0]
+        if self.ops is not None:  # (T, n_heads, hd), (T, n_kv, hd), new and contiguous
+            q, k = self.ops.qk_norm_rope(
+                q,
+                k,
+                positions,
+                rotary.cos_cache,
+                rotary.sin_cache,
+                None if self.q_norm is None else self.q_norm.weight,
+                None if self.k_norm is None else self.k_norm.weight,
+                self.eps,
+            )
+        else:
+            if self.q_norm is not None and self.k_norm is not None:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q, k = rotary(positions, q, k)
         out = self.attn_fn(q, k, v, kv_cache, meta, self.scale)  # (T, n_heads, hd)
         return self.o_proj(out.reshape(num_tokens, self.n_heads * self.head_dim))
+
+    def fuse_projections(self) -> None:
+        """Replace ``q_proj``, ``k_proj`` and ``v_proj`` by one ``qkv_proj``."""
+        if self.qkv_proj is None:
+            self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj
 
 
 class LlamaMLP(nn.Module):
@@ -74,9 +105,45 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        #: gate and up in one GEMM once :meth:`fuse_projections` ran
+        self.gate_up_proj: nn.Linear | None = None
+        #: the fused silu-and-multiply kernel when set (see ``set_fused_ops``)
+        self.ops: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate_up = self.gate_up_proj(x)  # (T, 2 I)
+            if self.ops is not None:
+                return self.down_proj(self.ops.silu_and_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        """Replace ``gate_proj`` and ``up_proj`` by one ``gate_up_proj``."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
+
+
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the given ones' outputs side by side, built from
+    their weights (on their device and dtype; the originals can then be freed)."""
+    first = linears[0]
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum out, in)
+    fused = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=first.bias is not None,
+        device="meta",
+        dtype=weight.dtype,
+    )
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if first.bias is not None:
+        bias = torch.cat([lin.bias.detach() for lin in linears])  # (sum out,)
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -86,16 +153,45 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        #: fused norm kernels when set (see ``set_fused_ops``)
+        self.ops: FusedOps | None = None
 
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer over the stream ``residual + x``, kept as two terms so that each
+        residual add happens inside the next norm (one kernel with fused ops).
+        ``residual`` is None at the first layer, whose ``x`` is the embeddings.
+        Returns the MLP output and the residual stream before it (T, hidden) each."""
+        if residual is None:
+            residual = x
+            h = norm_rows(self.input_layernorm, x, self.ops)
+        else:
+            h, residual = add_norm_rows(self.input_layernorm, x, residual, self.ops)
+        h = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = add_norm_rows(self.post_attention_layernorm, h, residual, self.ops)
+        return self.mlp(h), residual
+
+
+def norm_rows(norm: RMSNorm, x: torch.Tensor, ops: FusedOps | None) -> torch.Tensor:
+    """``norm(x)``, through the fused kernel when ``ops`` is set."""
+    return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps)
+
+
+def add_norm_rows(
+    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor, ops: FusedOps | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = residual + x`` and ``norm(r)``; returns ``(norm(r), r)``. The fused kernel
+    writes ``r`` into ``residual``'s storage."""
+    if ops is not None:
+        return ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+    residual = residual + x
+    return norm(residual), residual
 
 
 class LlamaModel(nn.Module):
@@ -128,8 +224,26 @@ class LlamaForCausalLM(nn.Module):
         )
         self.model = LlamaModel(cfg, self.rotary)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ops: FusedOps | None = None
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Merge each layer's q/k/v projections into one GEMM and gate/up into
+        another (fewer, larger matrix multiplies). Weights keep their values; the
+        Hugging Face parameter names of those projections are gone afterwards, so
+        load checkpoints before fusing."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
+    def set_fused_ops(self, ops: FusedOps | None) -> None:
+        """Run norms, residual adds, q/k norm + rotary and silu-and-multiply through
+        ``ops`` (the Triton kernels: fewer launches), or the torch modules (None).
+        silu-and-multiply needs :meth:`fuse_projections` first."""
+        for layer in self.model.layers:
+            layer.ops = layer.self_attn.ops = layer.mlp.ops = ops
+        self.ops = ops
 
     def set_attention_backend(self, fn: Callable[..., torch.Tensor]) -> None:
         """Route every layer's attention through ``fn`` (same signature as
@@ -158,9 +272,12 @@ class LlamaForCausalLM(nn.Module):
                 f"expected {len(self.model.layers)} KV caches, one per layer, got {len(kv_caches)}"
             )
         x = self.model.embed_tokens(input_ids)  # (T, hidden)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache, meta)
+        if residual is None:  # no layers
+            return norm_rows(self.model.norm, x, self.ops)
+        return add_norm_rows(self.model.norm, x, residual, self.ops)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (N, vocab) in float32 for hidden states (N, hidden)."""
