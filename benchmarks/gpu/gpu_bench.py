@@ -376,15 +376,18 @@ def _twin_check(device: str, dtype: torch.dtype, block_size: int, seed: int) -> 
     return worst
 
 
-def _decode_timing(device: str, batch: int, ctx: int) -> dict:
-    """Median time of one decode attention call (Qwen3-0.6B's heads, bf16, blocks
-    shuffled); GB/s over the K/V bytes it must read."""
+def _decode_timing(device: str, batch: int, ctx: int, kv_dtype: torch.dtype) -> dict:
+    """Median time of one decode attention call (Qwen3-0.6B's heads, bf16 queries,
+    blocks shuffled) through the varlen kernel and through the split-K decode kernel
+    (its split count for this batch); GB/s over the K/V bytes each must read."""
     import triton.testing
+
+    from lmfleet.engine.layers.triton_decode import decode_splits_for, triton_decode_attention
 
     n_heads, n_kv, hd, bs = 16, 8, 128, 16
     nb_seq = -(-ctx // bs)
     num_blocks = batch * nb_seq
-    cache = torch.randn(2, num_blocks, bs, n_kv, hd, dtype=torch.bfloat16, device=device)
+    cache = torch.randn(2, num_blocks, bs, n_kv, hd, device=device).to(kv_dtype)
     perm = torch.randperm(num_blocks, device=device).to(torch.int32)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device),
@@ -398,19 +401,18 @@ def _decode_timing(device: str, batch: int, ctx: int) -> dict:
         max_seq_len=ctx,
     )
     q = torch.randn(batch, n_heads, hd, dtype=torch.bfloat16, device=device)
-    ms = triton.testing.do_bench(
-        lambda: ta.triton_attention(q, cache, meta, hd**-0.5),
-        warmup=25,
-        rep=200,
-        return_mode="median",
-    )
-    kv_bytes = 2 * batch * ctx * n_kv * hd * 2
-    return {
-        "batch": batch,
-        "ctx": ctx,
-        "ms": round(ms, 4),
-        "kv_GB_per_s": round(kv_bytes / ms / 1e6, 1),
+    splits = decode_splits_for(batch, n_kv, q.device)
+    kv_bytes = 2 * batch * ctx * n_kv * hd * cache.element_size()
+    rec: dict = {"batch": batch, "ctx": ctx, "kv_dtype": str(kv_dtype), "splits": splits}
+    calls = {
+        "varlen": lambda: ta.triton_attention(q, cache, meta, hd**-0.5),
+        "split_k": lambda: triton_decode_attention(q, cache, meta, hd**-0.5, num_splits=splits),
     }
+    for name, fn in calls.items():
+        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        rec[f"{name}_ms"] = round(ms, 4)
+        rec[f"{name}_GB_per_s"] = round(kv_bytes / ms / 1e6, 1)
+    return rec
 
 
 def phase_kernels(args) -> Callable[[float], dict]:
@@ -423,7 +425,9 @@ def phase_kernels(args) -> Callable[[float], dict]:
         tol = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
         ok = all(err < tol[name.split("_")[0]] for name, err in checks.items())
         timings = [
-            _decode_timing(args.device, b, c) for b, c in ((256, 1024), (32, 2048), (1, 1024))
+            _decode_timing(args.device, b, c, dt)
+            for b, c in ((256, 1024), (32, 2048), (4, 2048), (1, 1024))
+            for dt in (torch.bfloat16, torch.float8_e4m3fn)
         ]
         return {"rel_err": checks, "ok": ok, "decode_attention": timings}
 
