@@ -69,6 +69,8 @@ if str(ROOT / "src") not in sys.path:
 from lmfleet.engine.layers import triton_attention as ta  # noqa: E402
 from lmfleet.engine.layers.attention import paged_attention  # noqa: E402
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata  # noqa: E402
+from lmfleet.engine.layers.quant import quantize_model  # noqa: E402
+from lmfleet.engine.layers.triton_fused import triton_fused_ops  # noqa: E402
 from lmfleet.engine.llm import LLM  # noqa: E402
 from lmfleet.engine.models.presets import create_model  # noqa: E402
 from lmfleet.engine.request import Request, SamplingParams  # noqa: E402
@@ -203,8 +205,16 @@ def warm_up(llm: LLM) -> None:
 
 
 # ---- phases --------------------------------------------------------------------------
-def prefill_logits(model, prompts: list[list[int]], dtype: torch.dtype, device: str, fn):
-    """One prefill of ``prompts`` from position 0; float32 logits (T, V) on CPU."""
+def prefill_logits(
+    model,
+    prompts: list[list[int]],
+    dtype: torch.dtype,
+    device: str,
+    fn,
+    kv_dtype: torch.dtype | None = None,
+):
+    """One prefill of ``prompts`` from position 0 over a KV cache of ``kv_dtype``
+    (default ``dtype``); float32 logits (T, V) on CPU."""
     cfg = model.config
     block = 16
     lens = [len(p) for p in prompts]
@@ -216,7 +226,7 @@ def prefill_logits(model, prompts: list[list[int]], dtype: torch.dtype, device: 
             block,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            dtype=dtype,
+            dtype=kv_dtype or dtype,
             device=device,
         )
         for _ in range(cfg.num_hidden_layers)
@@ -257,15 +267,51 @@ def phase_logits(args, model_dir: str, prompts) -> Callable[[float], dict]:
         ref = prefill_logits(cpu, prompts, torch.float32, "cpu", paged_attention)
         del cpu
         _free()
-        gpu = load_model(model_dir, dtype=torch.bfloat16, device=args.device, progress=False).model
-        got = prefill_logits(gpu, prompts, torch.bfloat16, args.device, ta.triton_paged_attention)
-        rel = ((got - ref).norm() / ref.norm()).item()
-        top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+        def gpu_model(fused: bool, quant: str | None = None):
+            model = load_model(model_dir, dtype=bf16, device=args.device, progress=False).model
+            if fused:  # what the engine's runner does with the Triton backend
+                model.fuse_projections()
+                model.set_fused_ops(triton_fused_ops())
+            if quant is not None:
+                quantize_model(model, quant)
+            return model
+
+        def logits(model, kv_dtype=None):
+            return prefill_logits(
+                model, prompts, bf16, args.device, ta.triton_paged_attention, kv_dtype
+            )
+
+        def compare(got: torch.Tensor, base: torch.Tensor) -> dict:
+            return {
+                "rel_err": ((got - base).norm() / base.norm()).item(),
+                "top1_agreement": (got.argmax(-1) == base.argmax(-1)).float().mean().item(),
+                "finite": bool(torch.isfinite(got).all()),
+            }
+
+        bf16 = torch.bfloat16
+        plain = logits(gpu_model(fused=False))
+        _free()
+        fused_model = gpu_model(fused=True)
+        fused = logits(fused_model)
+        fp8_kv = logits(fused_model, torch.float8_e4m3fn)
+        del fused_model
+        _free()
+        quality = {"fp8_kv_vs_bf16_kv": compare(fp8_kv, fused)}
+        for quant in ("int8", "fp8"):
+            quality[f"{quant}_weights_vs_bf16"] = compare(logits(gpu_model(True, quant)), fused)
+            _free()
+        rel = ((plain - ref).norm() / ref.norm()).item()
+        top1 = (plain.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        fused_vs = compare(fused, ref)
         return {
             "tokens": ref.shape[0],
             "logits_rel_err_bf16_vs_fp32": rel,
             "top1_agreement": top1,
-            "ok": bool(rel < 5e-2 and torch.isfinite(got).all()),
+            "fused_kernels_bf16_vs_fp32": fused_vs,
+            "fused_vs_unfused_bf16": compare(fused, plain),
+            "quality_vs_bf16": quality,
+            "ok": bool(rel < 5e-2 and fused_vs["rel_err"] < 5e-2 and torch.isfinite(plain).all()),
         }
 
     return run
@@ -709,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp8_out_tok_s": ph.get("fp8", {}).get("out_tok_s"),
         "hf_out_tok_s": ph.get("hf", {}).get("hf_out_tok_s"),
         "logits_rel_err": ph.get("logits", {}).get("logits_rel_err_bf16_vs_fp32"),
+        "quality_vs_bf16": ph.get("logits", {}).get("quality_vs_bf16"),
         "greedy_identical_fp32": ph.get("greedy", {}).get("identical"),
         "graphs_vs_eager_bf16_identical": ph.get("greedy", {}).get(
             "graphs_vs_eager_bf16_identical"
