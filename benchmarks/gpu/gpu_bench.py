@@ -144,6 +144,7 @@ def graph_info(llm: LLM) -> dict | None:
         "sizes": graphs.sizes,
         "captured": graphs.capture_enabled,
         "capture_s": round(graphs.capture_seconds, 2),
+        "capture_MiB": round(graphs.capture_bytes / 2**20, 1),
         "max_context": graphs.max_context,
     }
 

@@ -97,6 +97,8 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
+        #: device memory the captures kept (the graphs' shared pool), bytes
+        self.capture_bytes = 0
 
     @property
     def max_context(self) -> int:
@@ -155,6 +157,8 @@ class DecodeGraphs:
         if not self.capture_enabled:
             return 0.0
         t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         for n, size in enumerate(reversed(self.sizes), 1):
             self._fill_padding(size)
@@ -171,6 +175,7 @@ class DecodeGraphs:
                 progress(n, len(self.sizes))
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
+        self.capture_bytes = max(torch.cuda.memory_reserved(self.device) - reserved, 0)
         return self.capture_seconds
 
     def run(self, size: int) -> torch.Tensor:

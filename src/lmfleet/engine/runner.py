@@ -279,9 +279,12 @@ class ModelRunner:
         if capture:
             seconds = self.graphs.capture()
             logger.info(
-                "captured CUDA graphs for decode batch sizes %s in %.1fs",
+                "captured CUDA graphs for decode batch sizes %s in %.1fs (%s kept; the "
+                "KV budget left %s in reserve)",
                 self.graphs.sizes,
                 seconds,
+                human_bytes(self.graphs.capture_bytes),
+                human_bytes(self.cache_config.memory_reserve_bytes),
             )
 
     # ---- one step ------------------------------------------------------------------
