@@ -751,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_blocks": ph.get("throughput", {}).get("kv_blocks"),
         "peak_memory_allocated_GiB": ph.get("throughput", {}).get("peak_memory_allocated_GiB"),
         "batch1_eager_ms_per_token": ph.get("batch1_eager", {}).get("batch1_ms_per_token"),
+        "cuda_graphs": ph.get("throughput", {}).get("cuda_graphs"),
         "fp8_kv_out_tok_s": ph.get("fp8_kv", {}).get("out_tok_s"),
         "fp8_kv_blocks": ph.get("fp8_kv", {}).get("kv_blocks"),
         "fp8_out_tok_s": ph.get("fp8", {}).get("out_tok_s"),

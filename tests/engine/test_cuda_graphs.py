@@ -187,3 +187,16 @@ def test_captured_graphs_equal_eager(tiny_model_dir):
     eager = _engine(tiny_model_dir, enforce_eager=True)
     want = [o.token_ids for o in eager.generate(_prompts(), PARAMS)]
     assert [o.token_ids for o in llm.generate(_prompts(), PARAMS)] == want
+
+
+def test_failed_capture_falls_back_to_eager(tiny_model_dir, caplog):
+    llm = _engine(tiny_model_dir)
+    runner = llm.core.runner
+    runner._graphs_wanted = lambda: True  # type: ignore[method-assign]
+    with caplog.at_level("ERROR", logger="lmfleet.engine.runner"):
+        # on CPU the capture itself raises ("CUDA graphs need a CUDA device")
+        runner.allocate_kv_cache(runner.layout)
+    assert runner.graphs is None
+    assert "CUDA graph capture failed; decode steps run eagerly" in caplog.text
+    out = llm.generate([[30, 31, 32]], SamplingParams(temperature=0.0, max_tokens=3))
+    assert len(out[0].token_ids) == 3

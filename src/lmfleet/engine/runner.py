@@ -250,7 +250,14 @@ class ModelRunner:
             layout.num_bytes / 2**20,
         )
         if self._graphs_wanted():
-            self.use_decode_graphs(capture=True)
+            try:
+                self.use_decode_graphs(capture=True)
+            except Exception:  # a capture bug must not take the replica down
+                self.graphs = None
+                logger.exception(
+                    "CUDA graph capture failed; decode steps run eagerly (slower at small "
+                    "batches). Pass --enforce-eager to skip the capture"
+                )
 
     # ---- CUDA graphs ---------------------------------------------------------------
     def _graphs_wanted(self) -> bool:
