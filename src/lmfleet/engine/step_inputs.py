@@ -227,8 +227,9 @@ class StepPlan:
         positions[num_tokens:] = 0
         table = buf[lay.table].view(np.int32)[: lay.table_entries].reshape(lay.num_seqs, -1)
         table[:] = 0
-        real = table[:num_seqs]  # (B, width)
-        real[np.arange(lay.width) < self.num_blocks[:, None]] = self.block_ids  # row by row
+        widest = int(self.num_blocks.max())
+        real = table[:num_seqs, :widest]  # (B, widest): a graph's table may be wider
+        real[np.arange(widest) < self.num_blocks[:, None]] = self.block_ids  # row by row
         seq_of_token = np.repeat(np.arange(num_seqs), self.count)  # (T,)
         pos = positions[:num_tokens]
         block_of_token = real[seq_of_token, pos // bs].astype(np.int64)  # (T,)
