@@ -293,6 +293,12 @@ class ModelRunner:
                 human_bytes(self.graphs.capture_bytes),
                 human_bytes(self.cache_config.memory_reserve_bytes),
             )
+            if self.graphs.capture_bytes > self.cache_config.memory_reserve_bytes:
+                logger.warning(
+                    "the CUDA graphs keep more memory than the KV budget reserved for "
+                    "them: lower --max-num-seqs or --gpu-memory-utilization if the "
+                    "device runs out of memory"
+                )
 
     # ---- one step ------------------------------------------------------------------
     @torch.inference_mode()
