@@ -66,17 +66,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _kernels() -> dict[str, Any]:
-    """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
+def import_triton(what: str) -> tuple[Any, Any]:
+    """``triton`` and ``triton.language``, or :class:`TritonUnavailable` saying that
+    ``what`` needs them."""
     try:
         import triton
         import triton.language as tl
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise TritonUnavailable(
-            f"the Triton attention backend needs the 'triton' package ({exc}); "
-            "install it or run on the CPU backend"
+            f"{what} needs the 'triton' package ({exc}); install it or run on the CPU "
+            "(torch) backend"
         ) from exc
+    return triton, tl
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
+    triton, tl = import_triton("the Triton attention backend")
 
     @triton.jit
     def _write_kv_kernel(

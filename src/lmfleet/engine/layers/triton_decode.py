@@ -38,7 +38,10 @@ from typing import Any
 import torch
 
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
-from lmfleet.engine.layers.triton_attention import TritonUnavailable, _interpreting
+from lmfleet.engine.layers.triton_attention import (
+    _interpreting,
+    import_triton,
+)
 
 #: the softmax runs in base 2: exp(x) = exp2(x * log2(e))
 _LOG2E = 1.4426950408889634
@@ -82,14 +85,7 @@ def _num_sms(device: torch.device) -> int:
 @functools.cache
 def _kernels() -> dict[str, Any]:
     """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise TritonUnavailable(
-            f"the Triton decode attention kernel needs the 'triton' package ({exc}); "
-            "install it or run on the CPU backend"
-        ) from exc
+    triton, tl = import_triton("the Triton decode attention kernel")
 
     @triton.jit
     def _decode_split_kernel(

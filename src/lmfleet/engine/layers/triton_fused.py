@@ -50,7 +50,10 @@ from typing import Any
 
 import torch
 
-from lmfleet.engine.layers.triton_attention import TritonUnavailable, _interpreting
+from lmfleet.engine.layers.triton_attention import (
+    _interpreting,
+    import_triton,
+)
 
 #: how each supported float dtype is encoded for the kernels' ``*_KIND`` constexprs
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -82,14 +85,7 @@ def _num_warps(block: int) -> int:
 @functools.cache
 def _kernels() -> dict[str, Any]:
     """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as exc:
-        raise TritonUnavailable(
-            f"the fused Triton kernels need the 'triton' package ({exc}); "
-            "install it or run the eager torch layers"
-        ) from exc
+    triton, tl = import_triton("the fused Triton kernels")
     global _round_to
 
     def _round_to_impl(x, KIND: tl.constexpr):
