@@ -347,15 +347,21 @@ def triton_write_kv(
         HEADS_PAD=nxt(n_kv),
         DIM_PAD=nxt(head_dim),
         FP8_MAX=FP8_KV_MAX if fp8 else 0.0,
+        enable_fp_fusion=False,  # the fp8 rounding must not be contracted into FMAs
     )
 
 
-def _launch_config(max_query_len: int, group: int, nxt: Callable[[int], int]) -> dict[str, int]:
+def _launch_config(
+    max_query_len: int, group: int, nxt: Callable[[int], int], *, fp32: bool = False
+) -> dict[str, int]:
     """Tile sizes: 16 rows for decode-only steps (one token per sequence), larger
-    query blocks once any sequence brings a prompt chunk."""
+    query blocks once any sequence brings a prompt chunk. fp32 prefill tiles get 8
+    warps: with 4, ptxas spills about 18 KB per thread on sm_90
+    (``benchmarks/gpu/compile_check.py``)."""
     rows = 16 if max_query_len == 1 else 64
     block_m = max(rows, nxt(group))
-    return {"BLOCK_M": block_m, "BLOCK_Q": max(block_m // group, 1), "num_warps": 4}
+    warps = 8 if fp32 and rows > 16 else 4
+    return {"BLOCK_M": block_m, "BLOCK_Q": max(block_m // group, 1), "num_warps": warps}
 
 
 def triton_attention(
@@ -385,7 +391,7 @@ def triton_attention(
         q = q.to(kv_cache.dtype)
     nxt = kern["next_power_of_2"]
     group = n_heads // n_kv
-    cfg = _launch_config(meta.max_query_len, group, nxt)
+    cfg = _launch_config(meta.max_query_len, group, nxt, fp32=q.dtype == torch.float32)
     num_seqs = meta.num_seqs
     grid = (num_tokens // cfg["BLOCK_Q"] + num_seqs, n_kv)
     tables = meta.block_tables
@@ -417,6 +423,7 @@ def triton_attention(
         IEEE=q.dtype == torch.float32,
         UPCAST=_interpreting() and (q.dtype, kv_cache.dtype) != (torch.float32, torch.float32),
         num_warps=cfg["num_warps"],
+        enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     return out
 

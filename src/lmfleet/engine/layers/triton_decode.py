@@ -332,6 +332,7 @@ def triton_decode_attention(
         IEEE=q.dtype == torch.float32,
         UPCAST=_interpreting() and q.dtype != torch.float32,
         num_warps=4,
+        enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
     )
     if num_splits == 1:
         return out
@@ -347,6 +348,7 @@ def triton_decode_attention(
         NUM_SPLITS=num_splits,
         SPLITS_PAD=nxt(num_splits),
         num_warps=1 if head_dim <= 64 else 2,
+        enable_fp_fusion=True,
     )
     return out
 
