@@ -369,6 +369,10 @@ def fused_scenarios(cap: Capture, dtypes: list[str]) -> None:
         tf.qk_norm_rope(q, k, positions, cos, sin, None, None, EPS)
         cap.scenario = f"silu_and_mul {name}"
         tf.silu_and_mul(torch.zeros(t, 2 * INTER, dtype=dtype))
+        # fp8 weights: the activations of every projection (inputs 1024, 2048, 3072 wide)
+        for width in (HIDDEN, N_HEADS * HEAD_DIM, INTER):
+            cap.scenario = f"quantize_fp8_rows {name} K={width}"
+            tf.quantize_fp8_rows(torch.zeros(t, width, dtype=dtype), 448.0, 1e-12)
 
 
 # ---- variants ------------------------------------------------------------------------------

@@ -348,6 +348,27 @@ def test_empty_batches() -> None:
     assert q_out.shape == q.shape and k_out.shape == k.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_fp8_rows_matches_torch(dtype: torch.dtype) -> None:
+    from lmfleet.engine.layers.quant import _MIN_SCALE, FP8_MAX, _quantize_fp8_rows_torch
+
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(6, 1000, generator=gen) * torch.logspace(-3, 2, 6).unsqueeze(1)).to(dtype)
+    x[3] = 0.0  # an all-zero row takes the minimum scale
+    x[4, 17] = 5000.0  # one outlier sets the row's scale
+    strided = torch.zeros(6, 1200, dtype=dtype)
+    strided[:, :1000] = x
+    q, scale = triton_fused.quantize_fp8_rows(strided[:, :1000], FP8_MAX, _MIN_SCALE)
+    q_ref, scale_ref = _quantize_fp8_rows_torch(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (6, 1000) and scale.shape == (6, 1)
+    assert torch.equal(scale, scale_ref)  # amax and one correctly rounded division
+    assert scale[3].item() == torch.tensor(_MIN_SCALE).item()  # the fp32 minimum
+    assert q[3].float().abs().max().item() == 0.0
+    got = q.float()
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))  # the same bytes
+    assert got.abs().max().item() == FP8_MAX  # every row's largest element maps to ±448
+
+
 def test_missing_triton_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without Triton the module still imports; calling a kernel raises TritonUnavailable."""
     monkeypatch.setitem(sys.modules, "triton", None)

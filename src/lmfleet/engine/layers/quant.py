@@ -20,6 +20,7 @@ layers sit in ``model.model.layers`` (or are passed in).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -94,7 +95,25 @@ def _fp8_matmul_supported(device: torch.device) -> bool:
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row dynamic quantization: ``x`` (M, K) -> (fp8 (M, K), float32 scales (M, 1))."""
+    """Per-row dynamic quantization: ``x`` (M, K) -> (fp8 (M, K), float32 scales (M, 1)).
+    On CUDA one Triton launch (:func:`~lmfleet.engine.layers.triton_fused.quantize_fp8_rows`)
+    does what these torch ops do."""
+    if x.device.type == "cuda" and _fused_quant_available():
+        from lmfleet.engine.layers.triton_fused import quantize_fp8_rows as fused
+
+        return fused(x, FP8_MAX, _MIN_SCALE)
+    return _quantize_fp8_rows_torch(x)
+
+
+@functools.cache
+def _fused_quant_available() -> bool:
+    from lmfleet.engine.layers.triton_attention import triton_available
+
+    return triton_available()
+
+
+def _quantize_fp8_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of :func:`quantize_fp8_rows`, in torch ops."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)  # (M, 1)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale

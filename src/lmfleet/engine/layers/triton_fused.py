@@ -229,7 +229,38 @@ def _kernels() -> dict[str, Any]:
         out = _round_to(act * u, KIND)
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _fp8_rows_kernel(
+        x_ptr,
+        q_ptr,
+        scale_ptr,
+        stride_x,
+        stride_q,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+        MIN_SCALE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < K
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)  # (K,)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.maximum(tl.div_rn(amax, FP8_MAX), MIN_SCALE)
+        y = tl.div_rn(x, scale)
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        # round to the e4m3 grid (nearest even) with the fp32 adder, as the fp8 KV write
+        # in triton_attention does: the cast below is then exact on every backend (the
+        # interpreter's own fp8 cast can land a binade too low)
+        bits = y.to(tl.int32, bitcast=True)
+        magic = ((tl.maximum((bits >> 23) & 0xFF, 121) + 20) << 23).to(tl.float32, bitcast=True)
+        mag = (tl.abs(y) + magic) - magic
+        y = tl.where(bits < 0, -mag, mag)
+        tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(scale_ptr + row, scale)
+
     return {
+        "fp8_rows": _fp8_rows_kernel,
         "rms_norm": _rms_norm_kernel,
         "qk_norm_rope": _qk_norm_rope_kernel,
         "silu_and_mul": _silu_and_mul_kernel,
@@ -470,6 +501,39 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def quantize_fp8_rows(
+    x: torch.Tensor, fp8_max: float, min_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic fp8 quantization in one launch: ``x`` (M, K) -> (float8 e4m3
+    (M, K), float32 scales (M, 1)) with ``scale = max(amax(|row|) / fp8_max,
+    min_scale)`` and ``q = clamp(x / scale, ±fp8_max)``, as
+    :func:`lmfleet.engine.layers.quant.quantize_fp8_rows` computes them with about
+    eight torch kernels. Scales and fp8 bytes are bitwise those of the torch version
+    (the kernel rounds to the e4m3 grid itself before the cast)."""
+    kern = _kernels()
+    _check_rows("x", x)
+    rows, width = x.shape
+    q = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows == 0 or width == 0:
+        return q, scale
+    block = kern["next_power_of_2"](width)
+    kern["fp8_rows"][(rows,)](
+        x,
+        q,
+        scale,
+        x.stride(0),
+        q.stride(0),
+        K=width,
+        BLOCK=block,
+        FP8_MAX=fp8_max,
+        MIN_SCALE=min_scale,
+        num_warps=_num_warps(block),
+        enable_fp_fusion=False,
+    )
+    return q, scale
+
+
 @dataclass(frozen=True, slots=True)
 class FusedOps:
     """The fused kernels a decoder layer calls instead of its torch modules (see
@@ -494,6 +558,7 @@ __all__ = [
     "FusedOps",
     "fused_add_rms_norm",
     "qk_norm_rope",
+    "quantize_fp8_rows",
     "rms_norm",
     "silu_and_mul",
     "triton_fused_ops",
