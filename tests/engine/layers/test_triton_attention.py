@@ -1,20 +1,15 @@
 """The Triton paged-attention kernels against the CPU reference ``paged_attention``.
 
-On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here
-before Triton is imported); the file skips when Triton is not installed. Tests marked
+On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` before Triton is imported); the file skips when Triton is not installed. Tests marked
 ``gpu`` run the compiled kernels on CUDA.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # the kernels are built on first use, so this reaches them before they compile
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from lmfleet.engine.layers.attention import paged_attention, to_fp8

@@ -1,7 +1,7 @@
 """The fused Triton elementwise kernels against the torch layers they replace.
 
-On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here
-before Triton is imported); the file skips when Triton is not installed. Tests marked
+On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` before Triton is imported); the file skips when Triton is not installed. Tests marked
 ``gpu`` run the compiled kernels on CUDA.
 
 What is compared how:
@@ -15,16 +15,12 @@ What is compared how:
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # the kernels are built on first use, so this reaches them before they compile
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from lmfleet.engine.layers import triton_fused

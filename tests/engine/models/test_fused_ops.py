@@ -8,14 +8,11 @@ second chunk over the cached prefix and decode steps.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from lmfleet.engine.layers.triton_fused import triton_fused_ops
