@@ -396,13 +396,6 @@ def _apply_blocked(logits: torch.Tensor, dev: dict[str, torch.Tensor]) -> None:
         logits.index_put_((pairs[:n], pairs[n:]), logits.new_full((), -torch.inf))
 
 
-def apply_blocked_tokens(logits: torch.Tensor, blocked: Sequence[Sequence[int]]) -> None:
-    """Set ``logits[i, t] = -inf`` for every ``t`` in ``blocked[i]``, in place."""
-    pack = _Pack()
-    _stage_blocked(pack, blocked, logits.shape[1])
-    _apply_blocked(logits, pack.send(StagingBuffer(logits.device, max(pack.size, 1))))
-
-
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     """Apply repetition, then presence and frequency penalties to ``logits`` (B, V) in place."""
     plan = _Plan.build(batch, logits.shape[1])
