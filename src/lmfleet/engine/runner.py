@@ -325,10 +325,12 @@ class ModelRunner:
     def _logits(self, step: StepInputs) -> torch.Tensor | None:
         """Run the model over the step; float32 logits (S, V) of the sampled rows,
         or None when no request samples this step."""
-        if step.graph_size is not None and self.graphs is not None:
-            hidden = self.graphs.run(step.graph_size)  # (padded B, hidden)
-        else:  # (T, hidden)
+        if step.meta is not None:  # (T, hidden)
             hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+        elif self.graphs is not None and step.graph_size is not None:
+            hidden = self.graphs.run(step.graph_size)  # (padded B, hidden)
+        else:
+            raise RuntimeError("a step needs attention metadata or a decode graph to run it")
         if step.sample_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden.index_select(0, step.sample_rows))  # (S, V)
@@ -356,6 +358,10 @@ class ModelRunner:
         staging = self._staging_buffer(lay.size)
         qsl, seq_lens = step.write(staging.host_view(lay.size), lay, self.block_size)
         dev = staging.to_device(lay.size, into=into)
+        if graph_size is not None:  # the graph reads its own views of the same buffer
+            return StepInputs(
+                dev[lay.ids], dev[lay.positions], None, dev[lay.sample_rows], graph_size
+            )
         tables = dev[lay.table].view(torch.int32)[: lay.table_entries].view(lay.num_seqs, -1)
         meta = AttentionMetadata(
             slot_mapping=dev[lay.slots],
@@ -368,7 +374,7 @@ class ModelRunner:
             max_query_len=int(step.count.max()),
             max_seq_len=max(seq_lens),
         )
-        return StepInputs(dev[lay.ids], dev[lay.positions], meta, dev[lay.sample_rows], graph_size)
+        return StepInputs(dev[lay.ids], dev[lay.positions], meta, dev[lay.sample_rows])
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.sampling_params.seed

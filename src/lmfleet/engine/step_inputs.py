@@ -143,7 +143,8 @@ class StepInputs:
 
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
-    meta: AttentionMetadata
+    #: None when a decode graph runs the step: it reads its own metadata views
+    meta: AttentionMetadata | None
     sample_rows: torch.Tensor  # (S,) int64: rows of the hidden states to sample from
     #: the decode graph's batch size when a CUDA graph (or its eager twin) runs the
     #: step; the tensors above are then views of that graph's padded input buffer
