@@ -31,7 +31,11 @@ from lmfleet.engine.kv_sizing import (
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import Sampler, SamplingBatch
-from lmfleet.engine.layers.triton_attention import attention_backend, triton_paged_attention
+from lmfleet.engine.layers.triton_attention import (
+    attention_backend,
+    fp8_kv_supported,
+    triton_paged_attention,
+)
 from lmfleet.engine.layers.triton_fused import triton_fused_ops
 from lmfleet.engine.models.loader import load_model
 from lmfleet.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -135,14 +139,11 @@ class ModelRunner:
     def plan_kv_cache(self) -> KVCacheLayout:
         """How many blocks the KV budget buys. On an accelerator with no explicit
         budget this profiles a forward first (see :meth:`profile_kv_sizing`)."""
-        from lmfleet.engine.layers.triton_attention import fp8_kv_supported, triton_available
-
         cfg = self.cache_config
-        backend = self.model_config.attention_backend
         if (
             cfg.kv_cache_dtype == "fp8"
             and self.device.type == "cuda"
-            and (backend == "triton" or (backend == "auto" and triton_available()))
+            and self.attn_fn is triton_paged_attention  # the backend __init__ resolved
             and not fp8_kv_supported(self.device)
         ):
             raise ConfigError(
