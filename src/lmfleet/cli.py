@@ -126,6 +126,16 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
         "startup",
     )
     g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule and pack the next engine step while the current one runs on the "
+        "GPU, feeding its sampled tokens to the next step on the device, so host time "
+        "overlaps GPU time. A request's token that turns out to be a stop token costs "
+        "one wasted step row; steps with repetition/presence/frequency penalties wait "
+        "as before (default: on for CUDA, off on CPU where nothing overlaps)",
+    )
+    g.add_argument(
         "--max-seq-len-to-capture",
         type=int,
         default=8192,
@@ -161,6 +171,7 @@ def _engine_config(args: argparse.Namespace, model: str):
         kv_cache_dtype=args.kv_cache_dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        async_scheduling=args.async_scheduling,
     )
     sched: SchedulerConfig = apply_env(cfg.scheduler)
     from dataclasses import replace

@@ -89,3 +89,25 @@ def test_cuda_graph_flags_reach_the_engine_config():
     assert (cfg.model.enforce_eager, cfg.model.max_seq_len_to_capture) == (True, 2048)
     with pytest.raises(ConfigError, match=r"^max_seq_len_to_capture: must be positive"):
         engine_config("m", max_seq_len_to_capture=0)
+
+
+def test_async_scheduling_flag_reaches_generate_and_serve():
+    from lmfleet.server.settings import ServerSettings
+
+    parse = build_parser().parse_args
+    default = cli._engine_config(parse(["generate", "--prompt", "hi"]), "m")
+    assert default.scheduler.async_scheduling is None  # on for CUDA, off elsewhere
+    for flag, want in (("--async-scheduling", True), ("--no-async-scheduling", False)):
+        cfg = cli._engine_config(parse(["generate", "--prompt", "hi", flag]), "m")
+        assert cfg.scheduler.async_scheduling is want
+        served = ServerSettings.from_args(parse(["serve", "m", "--device", "cpu", flag]))
+        assert served.engine_config().scheduler.async_scheduling is want
+    served = ServerSettings.from_args(parse(["serve", "m", "--device", "cpu"]))
+    assert served.engine_config().scheduler.async_scheduling is None
+
+
+def test_generate_runs_with_async_scheduling_on_cpu(tiny_model_dir, capsys):
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hello"]
+    argv += ["--max-tokens", "5", "--ignore-eos", "--async-scheduling"]
+    assert main(argv) == 0
+    assert "5 tokens" in capsys.readouterr().err

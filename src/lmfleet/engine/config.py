@@ -191,6 +191,10 @@ class SchedulerConfig:
     policy: str = "fcfs"  # or "priority": lower value first, then arrival
     max_waiting_tokens: int = 0
     waiting_served_ratio: float = 0.3
+    #: schedule and prepare step n+1 while step n runs on the device, feeding n's
+    #: sampled tokens to n+1 there. None: on for a CUDA model, off on CPU (nothing
+    #: overlaps there) and for simulated models
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs > 0, "max_num_seqs", f"must be positive, got {self.max_num_seqs}")

@@ -2,6 +2,12 @@
 
 ``EngineCore`` is synchronous and single-threaded. The offline ``LLM`` drives it in a
 loop; the async engine drives it from a background thread.
+
+With async scheduling (on by default on CUDA) a step overlaps the host work around
+it with the device work: ``step()`` schedules and launches step n+1 while step n
+still runs, then waits for step n's tokens and turns them into outputs. Step n+1
+takes n's tokens on the device. The host's scheduling, input packing, stop checks
+and output building then hide behind the GPU's forward instead of adding to it.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from dataclasses import dataclass
 from lmfleet.engine.config import EngineConfig
 from lmfleet.engine.kv import KVCacheManager
 from lmfleet.engine.kv_sizing import KVSizing
-from lmfleet.engine.outputs import EngineCoreOutput
+from lmfleet.engine.outputs import EngineCoreOutput, SchedulerOutput
 from lmfleet.engine.request import FinishReason, Request
-from lmfleet.engine.runner import ModelRunner
+from lmfleet.engine.runner import LaunchedStep, ModelRunner
 from lmfleet.engine.scheduler import Scheduler
 from lmfleet.engine.sim import SIM_PREFIX, SimRunner
+from lmfleet.engine.sim.runner import SimStep
 from lmfleet.errors import (
     DuplicateRequestId,
     EngineBusy,
@@ -59,6 +66,15 @@ def build_runner(config: EngineConfig, *, progress: bool = True) -> ModelRunner 
     return ModelRunner(config.model, config.cache, config.scheduler, progress=progress)
 
 
+def _async_scheduling(config: EngineConfig, runner: ModelRunner | SimRunner) -> bool:
+    """The configured choice; by default on for a model on CUDA, where the host work
+    of one step can overlap the device work of another."""
+    choice = config.scheduler.async_scheduling
+    if choice is not None:
+        return choice
+    return isinstance(runner, ModelRunner) and runner.device.type == "cuda"
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
         self.config = config
@@ -80,7 +96,14 @@ class EngineCore:
         capacity = layout.num_blocks * layout.block_size
         self.scheduler = Scheduler(config.scheduler, self.kv, min(self.max_model_len, capacity))
         self.steps = 0
+        self.async_scheduling = _async_scheduling(config, self.runner)
+        #: the launched step whose tokens are not collected yet (async scheduling)
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep | SimStep] | None = None
+        #: steps that waited for the previous one because a token's value was needed
+        self.num_sync_steps = 0
         self.load_seconds = time.perf_counter() - t0
+        if self.async_scheduling:
+            logger.info("async scheduling: on (the next step is scheduled while one runs)")
 
     # ---- intake --------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -130,6 +153,8 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         if self.asleep:
             return []  # requests wait until wake
+        if self.async_scheduling:
+            return self._step_async()
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
         if sched.is_empty:
@@ -137,8 +162,34 @@ class EngineCore:
         self.steps += 1
         return self.scheduler.update(sched, result)
 
+    def _step_async(self) -> list[EngineCoreOutput]:
+        """Launch the next step, then finish the one in flight: returns that one's
+        outputs (the first call returns none)."""
+        outputs: list[EngineCoreOutput] = []
+        if self._in_flight is not None and self.scheduler.needs_pending_values():
+            self.num_sync_steps += 1
+            outputs = self._finish_in_flight()
+        prev = self._in_flight
+        sched = self.scheduler.schedule()
+        launched = self.runner.launch(sched, prev[1] if prev is not None else None)
+        if prev is not None:
+            outputs += self.scheduler.update(prev[0], self.runner.collect(prev[1]))
+        self._in_flight = None if sched.is_empty else (sched, launched)
+        if not sched.is_empty:
+            self.steps += 1
+        return outputs
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        """Wait for the step in flight, if any, and return its outputs."""
+        if self._in_flight is None:
+            return []
+        sched, launched = self._in_flight
+        self._in_flight = None
+        return self.scheduler.update(sched, self.runner.collect(launched))
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests in flight, or a launched step whose tokens are not collected."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         kv = self.kv
@@ -166,6 +217,8 @@ class EngineCore:
     def sleep(self) -> float:
         """Move the weights to host memory and free the KV cache; returns seconds.
         Only when idle: the caller drains or aborts requests first."""
+        if not self.scheduler.has_unfinished():
+            self._finish_in_flight()  # a step of requests aborted since it launched
         if self.has_unfinished():
             raise EngineBusy(
                 f"cannot sleep with {len(self.scheduler.requests)} requests in flight; "

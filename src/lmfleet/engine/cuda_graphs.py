@@ -93,7 +93,7 @@ class DecodeGraphs:
         self.capture_enabled = capture
         top = self.sizes[-1]
         #: every graph's inputs, at the start of this buffer (largest layout)
-        self.inputs = torch.zeros(self.layout(top, top).size, dtype=torch.int64, device=device)
+        self.inputs = torch.zeros(self.layout(top, top, top).size, dtype=torch.int64, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -104,10 +104,11 @@ class DecodeGraphs:
     def max_context(self) -> int:
         return self.width * self.block_size
 
-    def layout(self, size: int, num_samples: int) -> PackLayout:
+    def layout(self, size: int, num_samples: int, num_fills: int = 0) -> PackLayout:
         """Where a ``size``-row decode step's inputs sit in :attr:`inputs`; all but
-        the sampled rows (placed last) are the same for every step of that size."""
-        return PackLayout(size, size, num_samples, self.width)
+        the sampled rows and in-flight token fills (placed last) are the same for
+        every step of that size."""
+        return PackLayout(size, size, num_samples, self.width, num_fills)
 
     def size_for(self, plan: StepPlan) -> int | None:
         """The graph size that runs ``plan``, or None when it must run eagerly: not

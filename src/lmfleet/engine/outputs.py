@@ -14,18 +14,37 @@ from lmfleet.engine.request import FinishReason, Request, TokenLogprobs
 
 @dataclass(slots=True)
 class ScheduledRequest:
+    """One request's share of a step. Built by the scheduler *before* it advances
+    ``request.num_computed_tokens``: the step's start and whether it samples are
+    taken from the request then, and stay valid while the step runs, whatever the
+    scheduler does to the request afterwards (with async scheduling it schedules the
+    next step before this one's token is known)."""
+
     request: Request
-    #: tokens to compute this step, starting at ``request.num_computed_tokens``
+    #: tokens to compute this step, starting at :attr:`start`
     num_new_tokens: int
     #: the request's KV blocks, in order (covering the new tokens too)
     block_ids: list[int]
+    #: tokens computed before this step
+    start: int = field(init=False)
+    #: True when this step reaches the end of the tokens the request has (or will
+    #: have once its in-flight token is known), so the model's output at the last
+    #: position is the next token
+    samples: bool = field(init=False)
+    #: the index in ``request.output_token_ids`` the token sampled this step gets
+    output_index: int = field(init=False)
+    #: True when this step's last input token is the one the previous step samples,
+    #: not yet known on the host: the runner takes it from that step's device output
+    input_in_flight: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so the model's
-        output at the last position is the next token."""
+    def __post_init__(self) -> None:
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        self.start = r.num_computed_tokens
+        end = self.start + self.num_new_tokens
+        pending = r.num_pending_tokens
+        self.samples = end == r.num_tokens + pending
+        self.output_index = len(r.output_token_ids) + pending
+        self.input_in_flight = pending > 0 and end > r.num_tokens
 
 
 @dataclass(slots=True)

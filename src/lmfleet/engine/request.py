@@ -123,6 +123,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the tokens generated so far (repetition, presence or
+        frequency penalty)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Logprob:
@@ -143,8 +153,10 @@ class Request:
     """The engine's record of one sequence.
 
     One accounting rule drives scheduling: ``num_computed_tokens`` catches up to
-    ``num_tokens`` (prompt + output). Prefill, chunked prefill, prefix-cache hits and
-    recompute after preemption all follow from it.
+    ``num_tokens`` (prompt + output) plus ``num_pending_tokens`` (sampled by a step
+    still running). Prefill, chunked prefill, prefix-cache hits, recompute after
+    preemption and async scheduling all follow from it. The scheduler advances
+    ``num_computed_tokens`` when it schedules a step.
     """
 
     __slots__ = (
@@ -155,6 +167,7 @@ class Request:
         "first_scheduled_time",
         "num_cached_tokens",
         "num_computed_tokens",
+        "num_pending_tokens",
         "num_preemptions",
         "output_token_ids",
         "priority",
@@ -182,6 +195,10 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        #: tokens that launched steps sample but the host has not seen yet: with
+        #: async scheduling one between steps (two while the next step is scheduled
+        #: before the previous one is collected); 0 between synchronous steps
+        self.num_pending_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit on first schedule; -1 = not yet
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

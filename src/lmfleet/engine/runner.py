@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -30,7 +31,7 @@ from lmfleet.engine.kv_sizing import (
 )
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.quant import quantize_model
-from lmfleet.engine.layers.sampler import Sampler, SamplingBatch
+from lmfleet.engine.layers.sampler import PendingSample, Sampler, SamplingBatch
 from lmfleet.engine.layers.triton_attention import (
     attention_backend,
     fp8_kv_supported,
@@ -58,6 +59,19 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None)
     if checkpoint_dtype in ("bfloat16", "float16"):
         return _DTYPES[checkpoint_dtype]
     return torch.bfloat16
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: which requests sample, and their tokens, still
+    pending (None: nothing samples)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    pending: PendingSample | None = None
+
+    def rows(self) -> dict[str, int]:
+        """Request id -> row of the pending token ids."""
+        return {rid: i for i, rid in enumerate(self.request_ids)}
 
 
 @dataclass(slots=True)
@@ -302,22 +316,37 @@ class ModelRunner:
                 )
 
     # ---- one step ------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step on the device (forward and sampling) without waiting for its
+        tokens. ``prev`` is the step before, still running: a request whose input is
+        the token ``prev`` samples (``input_in_flight``) gets it from ``prev``'s
+        device output."""
         for rid in sched.finished_request_ids:
             self._generators.pop(rid, None)
         if sched.is_empty:
-            return RunnerOutput()
-        logits = self._logits(self._prepare(sched))  # (S, V)
+            return LaunchedStep()
+        logits = self._logits(self._prepare(sched, prev))  # (S, V)
         if logits is None:
-            return RunnerOutput()
+            return LaunchedStep()
         sampling = [item for item in sched.scheduled if item.samples]
         requests = [it.request for it in sampling]
-        batch = SamplingBatch.from_requests(requests, [self._generator(r) for r in requests])
-        result = self.sampler(logits, batch)
+        batch = SamplingBatch.from_requests(
+            requests, [self._generator(r) for r in requests], [it.output_index for it in sampling]
+        )
+        return LaunchedStep([r.request_id for r in requests], self.sampler.sample(logits, batch))
+
+    def collect(self, step: LaunchedStep) -> RunnerOutput:
+        """Wait for a launched step's tokens (the step's one host sync)."""
         out = RunnerOutput()
-        for item, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
-            rid = item.request.request_id
+        if step.pending is None:
+            return out
+        result = step.pending.result()
+        for rid, token, lp in zip(step.request_ids, result.token_ids, result.logprobs, strict=True):
             out.sampled[rid] = token
             if lp is not None:
                 out.logprobs[rid] = lp
@@ -345,20 +374,30 @@ class ModelRunner:
         return self._staging
 
     @torch.inference_mode()
-    def _prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def _prepare(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> StepInputs:
         """Pack the step's inputs into the staging buffer and move them in one copy:
         into the decode graphs' input buffer, padded to a captured batch size, when
-        a graph can run the step; else into the staging buffer's device side."""
+        a graph can run the step; else into the staging buffer's device side. Input
+        tokens still in flight are then gathered from ``prev``'s sampled tokens on
+        the device."""
         step = StepPlan.gather(sched)
+        fill_src = None
+        if step.fill_requests:
+            fill_src = self._in_flight_rows(step.fill_requests, prev)
+        num_fills = len(step.fill_requests)
         graph_size = self.graphs.size_for(step) if self.graphs is not None else None
         if graph_size is not None and self.graphs is not None:
-            lay = self.graphs.layout(graph_size, int(step.samples.sum()))
+            lay = self.graphs.layout(graph_size, int(step.samples.sum()), num_fills)
             into: torch.Tensor | None = self.graphs.inputs
         else:
             lay, into = step.layout(), None
         staging = self._staging_buffer(lay.size)
-        qsl, seq_lens = step.write(staging.host_view(lay.size), lay, self.block_size)
+        qsl, seq_lens = step.write(staging.host_view(lay.size), lay, self.block_size, fill_src)
         dev = staging.to_device(lay.size, into=into)
+        if num_fills and prev is not None and prev.pending is not None:
+            fills = dev[lay.fills]  # destination token rows, then source rows
+            tokens = prev.pending.token_ids.index_select(0, fills[num_fills:])
+            dev[lay.ids].index_copy_(0, fills[:num_fills], tokens)
         if graph_size is not None:  # the graph reads its own views of the same buffer
             return StepInputs(
                 dev[lay.ids], dev[lay.positions], None, dev[lay.sample_rows], graph_size
@@ -376,6 +415,18 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         return StepInputs(dev[lay.ids], dev[lay.positions], meta, dev[lay.sample_rows])
+
+    @staticmethod
+    def _in_flight_rows(request_ids: list[str], prev: LaunchedStep | None) -> np.ndarray:
+        """Where each request's in-flight token sits in ``prev``'s sampled tokens."""
+        rows = prev.rows() if prev is not None else {}
+        try:
+            return np.fromiter((rows[rid] for rid in request_ids), np.int64, len(request_ids))
+        except KeyError as e:
+            raise RuntimeError(
+                f"request {e.args[0]!r} takes a token in flight, but the previous step "
+                "given did not sample it"
+            ) from None
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.sampling_params.seed

@@ -1,12 +1,21 @@
 """Continuous batching: which requests run this step, and how many tokens of each.
 
 One accounting rule: every request has ``num_computed_tokens`` and catches up to
-``num_tokens`` (prompt + output). A step gives each running request what it lacks,
+``num_tokens`` (prompt + output) plus ``num_pending_tokens``. A step gives each
+running request what it lacks,
 capped by the token budget (chunked prefill), then admits waiting requests while
 budget, ``max_num_seqs`` and KV blocks allow. A prefix-cache hit simply starts a
 request with some tokens already computed. When blocks run out, the
 lowest-priority running request (the latest admitted, under FCFS) is preempted: its
 blocks are freed and it is recomputed later. Running out is never an error.
+
+``schedule`` advances ``num_computed_tokens`` and counts the token each sampling
+request will get as pending; ``update`` turns pending tokens into outputs. Between
+the two the engine may schedule the next step (async scheduling): a request whose
+token is still pending is scheduled for that token, which the runner takes from the
+device, unless the pending token is sure to end it (``max_tokens``, the context
+limit). One whose pending token turns out to be a stop token has its next step's
+work thrown away.
 """
 
 from __future__ import annotations
@@ -89,6 +98,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def needs_pending_values(self) -> bool:
+        """Whether the next step needs to know a pending token first: sampling with
+        penalties counts every generated token, so a request that has one pending
+        cannot be sampled again until it is known (async scheduling waits)."""
+        return any(r.num_pending_tokens and r.sampling_params.has_penalties for r in self.running)
+
     # ---- intake --------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.num_prompt_tokens += request.num_prompt_tokens
@@ -104,10 +119,7 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None:
                 continue
-            if request.status is RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            self._remove(request)
             self._finish(request, reason)
             out.append(EngineCoreOutput(rid, [], finish_reason=reason))
         return out
@@ -130,7 +142,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_tokens and self._ends_with_pending(request):
+                i += 1  # nothing to run: its pending token is its last
+                continue
+            num_new = request.num_tokens + request.num_pending_tokens
+            num_new = min(num_new - request.num_computed_tokens, budget)
             blocks = self.kv.allocate_slots(request, num_new)
             while blocks is None:
                 victim = self._pick_victim(i)
@@ -142,10 +158,27 @@ class Scheduler:
                 blocks = self.kv.allocate_slots(request, num_new)
             if blocks is None:
                 break  # the request itself was preempted; all after it too
-            out.scheduled.append(ScheduledRequest(request, num_new, blocks))
+            self._add_scheduled(out, request, num_new, blocks)
             budget -= num_new
             i += 1
         return budget, preempted
+
+    def _add_scheduled(
+        self, out: SchedulerOutput, request: Request, num_new: int, blocks: list[int]
+    ) -> None:
+        item = ScheduledRequest(request, num_new, blocks)  # records the step's start
+        out.scheduled.append(item)
+        request.num_computed_tokens += num_new
+        if item.samples:
+            request.num_pending_tokens += 1
+
+    def _ends_with_pending(self, request: Request) -> bool:
+        """Whether the request's pending tokens finish it by length, whatever they are."""
+        num_out = len(request.output_token_ids) + request.num_pending_tokens
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and num_out >= max_tokens:
+            return True
+        return request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
     def _pick_victim(self, first_unscheduled: int) -> Request:
         candidates = self.running[first_unscheduled:]
@@ -175,6 +208,8 @@ class Scheduler:
         admitted = False
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if request.num_pending_tokens:
+                break  # preempted while its last step ran; admitted once that ends
             if request.num_computed_tokens == 0:
                 hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             else:  # cannot happen today: waiting requests own no blocks
@@ -194,7 +229,7 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, blocks))
+            self._add_scheduled(out, request, num_new, blocks)
             budget -= num_new
             admitted = True
         self._steps_without_admission = 0 if admitted else self._steps_without_admission + 1
@@ -202,18 +237,21 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Turn a finished step's sampled tokens into outputs and check stops. The
+        requests may have been scheduled again since (async scheduling)."""
         outputs = []
-        self.num_generation_tokens += len(result.sampled)
         for item in sched.scheduled:
             request = item.request
+            if item.samples:
+                request.num_pending_tokens -= 1
             if request.is_finished:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += item.num_new_tokens
+                continue  # aborted, or stopped by the previous step, while this one ran
             token = result.sampled.get(request.request_id)
             if token is None:
                 continue
             first = not request.output_token_ids
             request.output_token_ids.append(token)
+            self.num_generation_tokens += 1
             reason, stop_token = self._check_stop(request, token)
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(
@@ -228,9 +266,16 @@ class Scheduler:
                 )
             )
             if reason is not None:
-                self.running.remove(request)
+                self._remove(request)
                 self._finish(request, reason)
         return outputs
+
+    def _remove(self, request: Request) -> None:
+        """Take a request out of its queue: running, or waiting (preempted)."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
 
     def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params

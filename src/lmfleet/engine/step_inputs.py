@@ -10,7 +10,7 @@ remains (:meth:`StepPlan.gather`): their token and block lists live in Python.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ class PackLayout:
     num_seqs: int
     num_samples: int
     width: int  # blocks per block-table row
+    #: input tokens still in flight, gathered on the device from the previous step's
+    #: sampled tokens (async scheduling)
+    num_fills: int = 0
 
     def _after(self, region: slice, length: int) -> slice:
         start = _aligned(region.stop)
@@ -77,62 +80,98 @@ class PackLayout:
         return self._after(self.table, self.num_samples)
 
     @property
+    def fills(self) -> slice:
+        """The in-flight tokens' rows in :attr:`ids`, then their rows in the previous
+        step's sampled tokens."""
+        return self._after(self.sample_rows, 2 * self.num_fills)
+
+    @property
     def size(self) -> int:
-        return self.sample_rows.stop
+        return self.fills.stop if self.num_fills else self.sample_rows.stop
 
 
 def pack_capacity(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
-    """int64 slots the largest step can need (every sequence samples)."""
-    return PackLayout(max_tokens, max_seqs, max_seqs, max_blocks_per_seq).size
+    """int64 slots the largest step can need (every sequence samples and takes a
+    token in flight)."""
+    return PackLayout(max_tokens, max_seqs, max_seqs, max_blocks_per_seq, max_seqs).size
 
 
 class StagingBuffer:
-    """One int64 host buffer (pinned on CUDA) and its device twin, allocated once and
-    reused: a step's inputs are written on the host side and cross to the device in
-    a single asynchronous copy instead of one synchronous copy per tensor. On CPU
-    the two sides are one tensor and nothing is copied."""
+    """Reused int64 host buffers (pinned on CUDA) and one device twin, allocated once:
+    a step's inputs are written on the host side and cross to the device in a single
+    asynchronous copy instead of one synchronous copy per tensor. On CPU the host
+    side is the device side and nothing is copied.
+
+    On CUDA there are two host buffers, used in turn: with async scheduling the next
+    step is packed while the copy out of the previous one may still wait behind a
+    running forward, and writing into the other buffer does not wait for it. (The
+    device side needs no twin: copies into it are ordered on the stream after every
+    kernel that read the previous contents.)
+    """
 
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.device = device
-        self._event = torch.cuda.Event() if device.type == "cuda" else None
-        self._pending = False
-        self._allocate(capacity)
+        cuda = device.type == "cuda"
+        turns = 2 if cuda else 1
+        self._events = [torch.cuda.Event() if cuda else None for _ in range(turns)]
+        self._pending = [False] * turns
+        self._hosts: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)] * turns
+        self._host_nps: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * turns
+        self._turn = 0
+        self.dev = torch.empty(0, dtype=torch.int64)
+        for i in range(turns):
+            self._grow_host(i, capacity)
+        self._grow_dev(capacity)
 
     @property
     def capacity(self) -> int:
         return self.host.numel()
 
-    def _allocate(self, capacity: int) -> None:
+    @property
+    def host(self) -> torch.Tensor:
+        """The host buffer the current step is packed into."""
+        return self._hosts[self._turn]
+
+    def _grow_host(self, i: int, capacity: int) -> None:
         pin = self.device.type == "cuda"
-        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=pin)
-        self._host_np = self.host.numpy()
+        self._hosts[i] = torch.empty(capacity, dtype=torch.int64, pin_memory=pin)
+        self._host_nps[i] = self._hosts[i].numpy()
         if self.device.type == "cpu":
-            self.dev = self.host
-        else:
+            self.dev = self._hosts[i]
+
+    def _grow_dev(self, capacity: int) -> None:
+        if self.device.type != "cpu" and self.dev.numel() < capacity:
             self.dev = torch.empty(capacity, dtype=torch.int64, device=self.device)
 
     def host_view(self, n: int) -> np.ndarray:
-        """The first ``n`` host slots, safe to overwrite: the previous copy out of
-        them has finished (usually long since; sampling synchronises every step)."""
-        if self._pending and self._event is not None:
-            self._event.synchronize()
-            self._pending = False
-        if n > self.capacity:
-            logger.debug("staging buffer grows from %d to %d slots", self.capacity, n)
-            self._allocate(max(n, 2 * self.capacity))
-        return self._host_np[:n]
+        """The first ``n`` slots of the next host buffer, safe to overwrite: the copy
+        out of it two steps ago has finished (it is waited for if not)."""
+        self._turn = (self._turn + 1) % len(self._hosts)
+        i = self._turn
+        event = self._events[i]
+        if self._pending[i] and event is not None:
+            event.synchronize()
+            self._pending[i] = False
+        if n > self._hosts[i].numel():
+            size = max(n, 2 * self._hosts[i].numel())
+            logger.debug("staging buffer grows from %d to %d slots", self._hosts[i].numel(), size)
+            self._grow_host(i, size)
+            self._grow_dev(size)
+        return self._host_nps[i][:n]
 
     def to_device(self, n: int, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The first ``n`` slots on the device, queued as one non-blocking copy: into
-        this buffer's device side, or into ``into`` (int64, at least ``n`` slots: a
-        CUDA graph's fixed input buffer)."""
-        if into is None and self.dev is self.host:
-            return self.host[:n]
+        """The first ``n`` slots of the buffer :meth:`host_view` gave, on the device,
+        queued as one non-blocking copy: into this buffer's device side, or into
+        ``into`` (int64, at least ``n`` slots: a CUDA graph's fixed input buffer)."""
+        host = self._hosts[self._turn]
+        if into is None and self.dev is host:
+            return host[:n]
         dst = (self.dev if into is None else into)[:n]
-        dst.copy_(self.host[:n], non_blocking=True)
-        if self._event is not None:
-            self._event.record(torch.cuda.current_stream(self.device))
-            self._pending = True
+        dst.copy_(host[:n], non_blocking=True)
+        event = self._events[self._turn]
+        if event is not None:
+            event.record(torch.cuda.current_stream(self.device))
+            self._pending[self._turn] = True
         return dst
 
 
@@ -161,6 +200,10 @@ class StepPlan:
     count: np.ndarray  # (B,) int64: new tokens this step
     num_blocks: np.ndarray  # (B,) int64: length of each block list
     samples: np.ndarray  # (B,) bool
+    #: token rows whose id is still in flight (placeholders in ``tokens``)...
+    fill_rows: list[int] = field(default_factory=list)
+    #: ...and the requests whose previous step samples them
+    fill_requests: list[str] = field(default_factory=list)
 
     @classmethod
     def gather(cls, sched: SchedulerOutput) -> StepPlan:
@@ -169,9 +212,16 @@ class StepPlan:
         tokens: list[int] = []
         block_ids: list[int] = []
         starts, counts, num_blocks, samples = [], [], [], []
+        fill_rows: list[int] = []
+        fill_requests: list[str] = []
         for item in sched.scheduled:
-            start = item.request.num_computed_tokens
-            tokens += item.request.token_ids_between(start, start + item.num_new_tokens)
+            start = item.start
+            r = item.request
+            tokens += r.token_ids_between(start, start + item.num_new_tokens)
+            if item.input_in_flight:  # its last input is the previous step's sample
+                fill_rows.append(len(tokens))
+                fill_requests.append(r.request_id)
+                tokens.append(0)
             block_ids += item.block_ids
             starts.append(start)
             counts.append(item.num_new_tokens)
@@ -184,18 +234,27 @@ class StepPlan:
             np.array(counts, dtype=np.int64),
             np.array(num_blocks, dtype=np.int64),
             np.array(samples, dtype=bool),
+            fill_rows,
+            fill_requests,
         )
 
     def layout(self) -> PackLayout:
         num_samples = int(self.samples.sum())
         return PackLayout(
-            len(self.tokens), len(self.count), num_samples, int(self.num_blocks.max())
+            len(self.tokens),
+            len(self.count),
+            num_samples,
+            int(self.num_blocks.max()),
+            len(self.fill_rows),
         )
 
-    def write(self, buf: np.ndarray, lay: PackLayout, bs: int) -> tuple[list[int], list[int]]:
+    def write(
+        self, buf: np.ndarray, lay: PackLayout, bs: int, fill_src: np.ndarray | None = None
+    ) -> tuple[list[int], list[int]]:
         """Fill ``buf`` (int64, ``lay.size``) with every input; returns the query start
         offsets and sequence lengths of the real sequences as lists for the host side
-        of the metadata.
+        of the metadata. ``fill_src`` gives, for each in-flight token, its row in the
+        previous step's sampled tokens.
 
         ``lay`` may be larger than :meth:`layout` (a CUDA graph's fixed shape): the
         rows past the real ones are padding sequences of one token each, with token
@@ -238,4 +297,13 @@ class StepPlan:
         slots[:num_tokens] = block_of_token * bs + pos % bs
         slots[num_tokens:] = -1
         buf[lay.sample_rows] = qsl[1 : num_seqs + 1][self.samples] - 1
+        if self.fill_rows:
+            if fill_src is None or not len(fill_src) == len(self.fill_rows) == lay.num_fills:
+                raise ValueError(
+                    f"{len(self.fill_rows)} input tokens are in flight; the layout and "
+                    "fill_src must account for each"
+                )
+            fills = buf[lay.fills]
+            fills[: len(self.fill_rows)] = self.fill_rows
+            fills[len(self.fill_rows) :] = fill_src
         return qsl[: num_seqs + 1].tolist(), seq_lens[:num_seqs].tolist()

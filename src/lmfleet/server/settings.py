@@ -56,6 +56,8 @@ class ServerSettings:
     enforce_eager: bool = False
     #: decode steps with longer contexts than this run eagerly
     max_seq_len_to_capture: int = 8192
+    #: overlap the next step's scheduling with the current step (None: on for CUDA)
+    async_scheduling: bool | None = None
     progress: bool = True
     #: run the engine core in its own process (not a thread of the server's)
     engine_process: bool = False
@@ -137,6 +139,7 @@ class ServerSettings:
             "kv_cache_dtype": self.kv_cache_dtype,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
+            "async_scheduling": self.async_scheduling,
         }
         if self.sim_time_scale is not None:
             flat["sim_time_scale"] = self.sim_time_scale

@@ -564,22 +564,27 @@ def audited(monkeypatch: pytest.MonkeyPatch) -> tuple[SyncAudit, Counter[str]]:
     """A SyncAudit that pauses inside the read-back, and counts of staging copies and
     read-backs."""
     audit, calls = SyncAudit(), Counter[str]()
-    to_device, fetch = StagingBuffer.to_device, sampler_module._ReadBack.fetch
+    to_device = StagingBuffer.to_device
+    start, wait = sampler_module._ReadBack.start, sampler_module._Fetch.wait
 
     def counted_to_device(self: StagingBuffer, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         calls["to_device"] += 1
         return to_device(self, *args, **kwargs)
 
-    def counted_fetch(self: sampler_module._ReadBack, values: torch.Tensor) -> np.ndarray:
+    def counted_start(self: sampler_module._ReadBack, values: torch.Tensor):  # type: ignore[no-untyped-def]
         calls["fetch"] += 1
+        return start(self, values)
+
+    def paused_wait(self: sampler_module._Fetch) -> np.ndarray:
         audit.paused = True
         try:
-            return fetch(self, values)
+            return wait(self)
         finally:
             audit.paused = False
 
     monkeypatch.setattr(StagingBuffer, "to_device", counted_to_device)
-    monkeypatch.setattr(sampler_module._ReadBack, "fetch", counted_fetch)
+    monkeypatch.setattr(sampler_module._ReadBack, "start", counted_start)
+    monkeypatch.setattr(sampler_module._Fetch, "wait", paused_wait)
     return audit, calls
 
 

@@ -30,7 +30,7 @@ rows or its row index. Unseeded rows share the sampler's generator.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,31 +60,43 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(
-        cls, requests: Sequence[Request], generators: Sequence[torch.Generator | None]
+        cls,
+        requests: Sequence[Request],
+        generators: Sequence[torch.Generator | None],
+        output_indices: Sequence[int] | None = None,
     ) -> SamplingBatch:
-        """Build the batch for ``requests``; ``generators[i]`` belongs to ``requests[i]``."""
+        """Build the batch for ``requests``; ``generators[i]`` belongs to ``requests[i]``.
+        ``output_indices[i]`` is the output index of the token row ``i`` samples
+        (default: the next one; more when earlier tokens are still in flight)."""
         if len(generators) != len(requests):
             raise ValueError(
                 f"need one generator (or None) per request: got {len(generators)} "
                 f"for {len(requests)} requests"
             )
+        if output_indices is None:
+            output_indices = [len(r.output_token_ids) for r in requests]
         return cls(
             params=[r.sampling_params for r in requests],
             generators=list(generators),
             prompt_token_ids=[r.prompt_token_ids for r in requests],
             output_token_ids=[r.output_token_ids for r in requests],
-            blocked_token_ids=[blocked_token_ids(r) for r in requests],
+            blocked_token_ids=[
+                blocked_token_ids(r, i) for r, i in zip(requests, output_indices, strict=True)
+            ],
         )
 
     def __len__(self) -> int:
         return len(self.params)
 
 
-def blocked_token_ids(request: Request) -> tuple[int, ...]:
+def blocked_token_ids(request: Request, output_index: int | None = None) -> tuple[int, ...]:
     """The stop tokens (the EOS ids unless ``ignore_eos``, plus ``stop_token_ids``) while
-    the request has fewer than ``min_tokens`` outputs; otherwise none."""
+    the token being sampled, output number ``output_index`` (default: the next one),
+    comes before ``min_tokens``; otherwise none."""
     params = request.sampling_params
-    if len(request.output_token_ids) >= params.min_tokens:
+    if output_index is None:
+        output_index = len(request.output_token_ids)
+    if output_index >= params.min_tokens:
         return ()
     eos = () if params.ignore_eos else tuple(sorted(request.eos_token_ids))
     return eos + params.stop_token_ids
@@ -101,16 +113,8 @@ def _is_greedy(params: SamplingParams) -> bool:
     return params.temperature < GREEDY_EPS
 
 
-def _has_penalty(params: SamplingParams) -> bool:
-    return (
-        params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
-
-
 def _argmax_only(batch: SamplingBatch) -> bool:
-    return all(_is_greedy(p) and not _has_penalty(p) and p.logprobs is None for p in batch.params)
+    return all(_is_greedy(p) and not p.has_penalties and p.logprobs is None for p in batch.params)
 
 
 # ---- one host-to-device copy ---------------------------------------------------------
@@ -163,33 +167,66 @@ class _Pack:
         return views
 
 
+class _Fetch:
+    """A queued device-to-host copy; :meth:`wait` is its one sync."""
+
+    __slots__ = ("_event", "_host")
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._event = event
+
+    def wait(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
 class _ReadBack:
     """Device results to the host: one non-blocking copy into a reused pinned int64
-    buffer and one wait on an event, the call's only sync. On CPU the values are
-    read in place."""
+    buffer and one wait on an event, the call's only sync. Two buffers are used in
+    turn, so a step's results can be copied while the previous step's still wait to
+    be read (async scheduling). On CPU the values are read in place."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._event = torch.cuda.Event() if device.type == "cuda" else None
-        self._host = torch.empty(0, dtype=torch.int64)
+        cuda = device.type == "cuda"
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
+        self._hosts = [torch.empty(0, dtype=torch.int64)] * 2
+        self._turn = 0
 
-    def fetch(self, values: torch.Tensor) -> np.ndarray:
-        """``values`` (N,) int64 on the device, as a host array valid until the next fetch."""
-        if self._event is None:
-            return values.numpy()
+    def start(self, values: torch.Tensor) -> _Fetch:
+        """Queue the copy of ``values`` (N,) int64; the fetched array stays valid until
+        the second-next :meth:`start`."""
+        if not self._events:
+            return _Fetch(values, None)
+        self._turn ^= 1
+        i = self._turn
         n = values.numel()
-        if n > self._host.numel():
-            size = max(n, 2 * self._host.numel(), 1024)
-            self._host = torch.empty(size, dtype=torch.int64, pin_memory=True)
-        host = self._host[:n]
+        if n > self._hosts[i].numel():
+            size = max(n, 2 * self._hosts[i].numel(), 1024)
+            self._hosts[i] = torch.empty(size, dtype=torch.int64, pin_memory=True)
+        host = self._hosts[i][:n]
         host.copy_(values, non_blocking=True)
-        self._event.record(torch.cuda.current_stream(self.device))
-        self._wait()
-        return host.numpy()
+        event = self._events[i]
+        event.record(torch.cuda.current_stream(self.device))
+        return _Fetch(host, event)
 
-    def _wait(self) -> None:
-        assert self._event is not None
-        self._event.synchronize()
+
+@dataclass(slots=True)
+class PendingSample:
+    """A sampling call whose tokens are still on the device: :attr:`token_ids` can feed
+    the next step's inputs there; :meth:`result` waits for them on the host."""
+
+    #: (B,) int64 on the logits' device
+    token_ids: torch.Tensor
+    _finish: Callable[[], SamplerOutput]
+    _result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
 
 
 # ---- host-side plan -------------------------------------------------------------------
@@ -259,7 +296,7 @@ class _Plan:
         if len(lp_rows) < n:
             pack.ints("lp_rows", lp_rows)
         _stage_blocked(pack, batch.blocked_token_ids, vocab)
-        penalty_rows = [i for i, p in enumerate(batch.params) if _has_penalty(p)]
+        penalty_rows = [i for i, p in enumerate(batch.params) if p.has_penalties]
         if penalty_rows:
             _stage_penalties(pack, batch, penalty_rows, vocab)
         sample_rows = [i for i, p in enumerate(batch.params) if not _is_greedy(p)]
@@ -302,9 +339,14 @@ class Sampler:
             self._readback = _ReadBack(device)
         return self._staging, self._readback
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """``logits`` is ``(B, V)``, one row per batch row; it is not modified."""
+        return self.sample(logits, batch).result()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
+        """Queue the sampling of ``logits`` (B, V) and the copy of its results to the
+        host without waiting for them."""
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(
                 f"logits must be (B, V) with B = {len(batch)} rows, got {tuple(logits.shape)}"
@@ -322,17 +364,27 @@ class Sampler:
         _apply_blocked(logits, dev)
         _apply_penalties(logits, plan, dev)
         token_ids = self._pick(logits, plan, dev)  # (B,)
+        num_rows = len(batch)
 
         if raw is None:
-            return SamplerOutput(readback.fetch(token_ids).tolist(), [None] * len(batch))
+            fetch = readback.start(token_ids)
+            return PendingSample(
+                token_ids, lambda: SamplerOutput(fetch.wait().tolist(), [None] * num_rows)
+            )
         nums = [batch.params[i].logprobs or 0 for i in plan.lp_rows]
         found = _logprob_tensors(raw, _rows(token_ids, dev, "lp_rows"), max(nums))
-        host = readback.fetch(_pack_results(token_ids, *found))  # the one sync
-        ids, entries = _unpack_results(host, len(batch), plan.lp_rows, nums)
-        logprobs: list[TokenLogprobs | None] = [None] * len(batch)
-        for i, entry in zip(plan.lp_rows, entries, strict=True):
-            logprobs[i] = entry
-        return SamplerOutput(token_ids=ids, logprobs=logprobs)
+        fetch = readback.start(_pack_results(token_ids, *found))
+        lp_rows = plan.lp_rows
+
+        def finish() -> SamplerOutput:
+            host = fetch.wait()  # the one sync
+            ids, entries = _unpack_results(host, num_rows, lp_rows, nums)
+            logprobs: list[TokenLogprobs | None] = [None] * num_rows
+            for i, entry in zip(lp_rows, entries, strict=True):
+                logprobs[i] = entry
+            return SamplerOutput(token_ids=ids, logprobs=logprobs)
+
+        return PendingSample(token_ids, finish)
 
     def _greedy(
         self,
@@ -340,7 +392,7 @@ class Sampler:
         batch: SamplingBatch,
         staging: StagingBuffer,
         readback: _ReadBack,
-    ) -> SamplerOutput:
+    ) -> PendingSample:
         """Fast path: every row greedy, without penalties or logprobs."""
         if any(batch.blocked_token_ids):
             pack = _Pack()
@@ -349,8 +401,12 @@ class Sampler:
             if dev:
                 logits = logits.clone()
                 _apply_blocked(logits, dev)
-        token_ids = readback.fetch(logits.argmax(dim=-1)).tolist()
-        return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(batch))
+        token_ids = logits.argmax(dim=-1)
+        fetch = readback.start(token_ids)
+        num_rows = len(batch)
+        return PendingSample(
+            token_ids, lambda: SamplerOutput(fetch.wait().tolist(), [None] * num_rows)
+        )
 
     def _pick(
         self, logits: torch.Tensor, plan: _Plan, dev: dict[str, torch.Tensor]

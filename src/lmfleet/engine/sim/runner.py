@@ -64,6 +64,15 @@ def sim_token(
     return FIRST_WORD_ID + (h >> 20) % (vocab_size - FIRST_WORD_ID)
 
 
+@dataclass(slots=True)
+class SimStep:
+    """A step queued on the simulated device: its output and when it is done
+    (``time.perf_counter``)."""
+
+    output: RunnerOutput
+    ready_at: float
+
+
 class SimRunner:
     def __init__(
         self, model_config: ModelConfig, cache_config: CacheConfig, *, progress: bool = True
@@ -79,6 +88,7 @@ class SimRunner:
         self.asleep = False
         self.layout: KVCacheLayout | None = None
         self.seconds_simulated = 0.0
+        self._busy_until = 0.0  # when the simulated device finishes its queued steps
         t0 = time.perf_counter()
         self._pause(p.load_s, "loading (simulated)" if progress else None)
         self.loaded = SimLoad(p.weight_bytes, time.perf_counter() - t0)
@@ -101,30 +111,48 @@ class SimRunner:
         self.layout = layout
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        start = time.perf_counter()
+        return self.collect(self.launch(sched))
+
+    def launch(self, sched: SchedulerOutput, prev: SimStep | None = None) -> SimStep:
+        """Queue a step on the simulated device: its tokens are known at once, but
+        :meth:`collect` hands them over only when the device would have finished it,
+        after every step queued before it (a device runs one step at a time)."""
+        now = time.perf_counter()
         out = RunnerOutput()
         if sched.is_empty:
-            return out
+            return SimStep(out, now)
         prefill = decode = kv = 0
         for item in sched.scheduled:
             r = item.request
-            is_decode = item.num_new_tokens == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+            is_decode = item.num_new_tokens == 1 and item.start >= r.num_prompt_tokens
             if is_decode:
                 decode += 1
             else:
                 prefill += item.num_new_tokens
-            kv += r.num_computed_tokens + item.num_new_tokens
+            kv += item.start + item.num_new_tokens
             if item.samples:
-                token = self._next_token(r)
+                outputs = r.output_token_ids
+                if item.input_in_flight:
+                    if prev is None or r.request_id not in prev.output.sampled:
+                        raise RuntimeError(
+                            f"request {r.request_id!r} takes a token in flight, but the "
+                            "previous step given did not sample it"
+                        )
+                    outputs = [*outputs, prev.output.sampled[r.request_id]]
+                token = self._next_token(r, outputs)
                 out.sampled[r.request_id] = token
                 if r.sampling_params.logprobs is not None:
                     out.logprobs[r.request_id] = _fake_logprobs(token, r.sampling_params.logprobs)
         step = self.profile.step_seconds(prefill, decode, kv)
         self.seconds_simulated += step
-        remaining = start + step / self.time_scale - time.perf_counter()
+        self._busy_until = max(now, self._busy_until) + step / self.time_scale
+        return SimStep(out, self._busy_until)
+
+    def collect(self, step: SimStep) -> RunnerOutput:
+        remaining = step.ready_at - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
-        return out
+        return step.output
 
     def sleep(self) -> float:
         t0 = time.perf_counter()
@@ -139,20 +167,21 @@ class SimRunner:
         return time.perf_counter() - t0
 
     # ---- helpers -------------------------------------------------------------------
-    def _next_token(self, r: Request) -> int:
+    def _next_token(self, r: Request, out: list[int]) -> int:
+        """The token after the prompt and ``out`` (the outputs so far, including one
+        still in flight)."""
         params = r.sampling_params
-        n = r.num_tokens
-        out = r.output_token_ids
+        n = r.num_prompt_tokens + len(out)
         if len(out) >= CONTEXT_WINDOW:
             context = tuple(out[-CONTEXT_WINDOW:])
         else:
             context = tuple(r.prompt_token_ids[len(out) - CONTEXT_WINDOW :]) + tuple(out)
         seed = params.seed or 0
         eos_p = 0.0 if params.ignore_eos else self.profile.eos_probability
-        if len(r.output_token_ids) < params.min_tokens:
+        if len(out) < params.min_tokens:
             eos_p = 0.0
         token = sim_token(seed, n, context, self.profile.vocab_size, eos_p)
-        while token in params.stop_token_ids and len(r.output_token_ids) < params.min_tokens:
+        while token in params.stop_token_ids and len(out) < params.min_tokens:
             token = FIRST_WORD_ID + (token + 1 - FIRST_WORD_ID) % (
                 self.profile.vocab_size - FIRST_WORD_ID
             )

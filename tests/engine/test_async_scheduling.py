@@ -1,0 +1,378 @@
+"""Async scheduling: step n+1 is scheduled and launched before step n's tokens are
+known, and takes them on the device.
+
+Whatever the overlap, every request must get exactly the tokens, logprobs and
+finish reasons it gets with synchronous steps, no KV block may leak, and the step
+order must really overlap (launch n+1, then collect n). The simulated accelerator
+covers scheduling corner cases quickly (its tokens depend only on each request's
+own context); the tiny random model checks the runner's device-side token feed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from lmfleet.engine.llm import LLM
+from lmfleet.engine.outputs import ScheduledRequest, SchedulerOutput
+from lmfleet.engine.request import FinishReason, Request, SamplingParams
+from lmfleet.engine.runner import LaunchedStep
+from lmfleet.engine.sim import PROFILES
+from lmfleet.engine.sim.tokenizer import EOS_ID
+from lmfleet.engine.step_inputs import StepPlan
+
+FAST = dataclasses.replace(
+    PROFILES["llama-8b-h100"],
+    name="test-async",
+    fixed_s=0.0005,
+    prefill_token_s=1e-6,
+    decode_seq_s=1e-6,
+    kv_token_s=0.0,
+    load_s=0.0,
+    sleep_s=0.0,
+    wake_s=0.0,
+    vocab_size=2000,
+    kv_capacity_tokens=1 << 16,
+    eos_probability=0.08,
+)
+
+
+@pytest.fixture(autouse=True)
+def _profiles(monkeypatch, tmp_path):
+    monkeypatch.setitem(PROFILES, "test-async", FAST)
+    monkeypatch.setenv("LMFLEET_HOME", str(tmp_path))
+
+
+def _sim(async_scheduling: bool, **kw) -> LLM:
+    return LLM("sim:test-async", progress=False, async_scheduling=async_scheduling, **kw)
+
+
+def _mixed_params() -> list[SamplingParams]:
+    """Lengths, EOS stops (the profile emits EOS 8% of the time), stop tokens, min_tokens,
+    logprobs and seeds."""
+    return [
+        SamplingParams(max_tokens=1),
+        SamplingParams(max_tokens=2, ignore_eos=True),
+        SamplingParams(max_tokens=40),
+        SamplingParams(max_tokens=40, min_tokens=25),
+        SamplingParams(max_tokens=30, seed=7, logprobs=2),
+        SamplingParams(max_tokens=60, stop_token_ids=(1500, 1501, 1502)),
+        SamplingParams(max_tokens=17, ignore_eos=True),
+        SamplingParams(max_tokens=50),
+    ]
+
+
+def _prompts(n: int, length: int = 6) -> list[list[int]]:
+    return [[100 + 13 * i + j for j in range(length + 3 * i)] for i in range(n)]
+
+
+def _summary(outs) -> list[tuple]:
+    return [
+        (
+            o.token_ids,
+            o.finish_reason,
+            o.stop_reason,
+            [(lp.sampled, lp.top) for lp in o.logprobs] if o.logprobs else None,
+        )
+        for o in outs
+    ]
+
+
+def _assert_idle(llm: LLM) -> None:
+    core = llm.core
+    assert not core.has_unfinished()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    assert core.scheduler.running == [] and len(core.scheduler.waiting) == 0
+
+
+def test_sim_outputs_equal_sync():
+    prompts, params = _prompts(8), _mixed_params()
+    want = _sim(False).generate(prompts, params)
+    llm = _sim(True)
+    assert llm.core.async_scheduling
+    got = llm.generate(prompts, params)
+    assert _summary(got) == _summary(want)
+    reasons = {o.finish_reason for o in got}
+    assert reasons == {FinishReason.STOP, FinishReason.LENGTH}  # both ends occur
+    assert any(o.token_ids[-1] == EOS_ID for o in got)
+    _assert_idle(llm)
+
+
+def test_sim_preemption_and_chunked_prefill_equal_sync():
+    kw = {"num_blocks_override": 14, "block_size": 8, "max_num_batched_tokens": 24}
+    prompts = _prompts(6, length=20)
+    params = [SamplingParams(max_tokens=30 + 5 * i, ignore_eos=True) for i in range(6)]
+    want = _sim(False, **kw).generate(prompts, params)
+    llm = _sim(True, **kw)
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert llm.core.stats().num_preemptions > 0  # 6 × ~60 tokens in 112 slots
+    _assert_idle(llm)
+
+
+def _record_calls(llm: LLM) -> list[str]:
+    runner = llm.core.runner
+    calls: list[str] = []
+    launch, collect = runner.launch, runner.collect
+    steps: dict[int, int] = {}
+
+    def rec_launch(sched, prev=None):  # type: ignore[no-untyped-def]
+        step = launch(sched, prev)
+        steps[id(step)] = len(steps) + 1
+        calls.append(f"launch {steps[id(step)]}")
+        return step
+
+    def rec_collect(step):  # type: ignore[no-untyped-def]
+        calls.append(f"collect {steps[id(step)]}")
+        return collect(step)
+
+    runner.launch, runner.collect = rec_launch, rec_collect  # type: ignore[method-assign]
+    return calls
+
+
+def test_next_step_launches_before_the_previous_is_collected():
+    llm = _sim(True)
+    calls = _record_calls(llm)
+    request_id = llm._add([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), 0)
+    assert llm.core.step() == []  # step 1 launched; nothing known yet
+    outs = llm.core.step()  # launches step 2, then finishes step 1
+    assert [(o.request_id, len(o.new_token_ids)) for o in outs] == [(request_id, 1)]
+    while llm.core.has_unfinished():
+        llm.core.step()
+    # the third token is the last: nothing is scheduled after it is launched, and the
+    # final call only collects
+    assert calls == [
+        "launch 1",
+        "launch 2",
+        "collect 1",
+        "launch 3",
+        "collect 2",
+        "launch 4",
+        "collect 3",
+    ]
+    assert llm.core.steps == 3
+
+
+def test_a_stop_costs_one_wasted_row_and_no_output():
+    llm = _sim(True)
+    sync = _sim(False)
+    prompt = [[9, 8, 7]]
+    first = sync.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True))[0].token_ids
+    stop = SamplingParams(max_tokens=30, stop_token_ids=(first[4],), ignore_eos=True)
+    rows: list[int] = []
+    schedule = llm.core.scheduler.schedule
+
+    def counting():  # type: ignore[no-untyped-def]
+        sched = schedule()
+        rows.append(len(sched.scheduled))
+        return sched
+
+    llm.core.scheduler.schedule = counting  # type: ignore[method-assign]
+    out = llm.generate(prompt, stop)[0]
+    assert out.token_ids == first[: first.index(first[4]) + 1]
+    assert out.finish_reason is FinishReason.STOP and out.stop_reason == first[4]
+    # one row per known token, plus the step launched before the stop was seen
+    assert sum(rows) == len(out.token_ids) + 1
+    _assert_idle(llm)
+
+
+def test_length_limit_is_known_ahead_and_wastes_nothing():
+    llm = _sim(True)
+    rows: list[int] = []
+    schedule = llm.core.scheduler.schedule
+
+    def counting():  # type: ignore[no-untyped-def]
+        sched = schedule()
+        rows.append(len(sched.scheduled))
+        return sched
+
+    llm.core.scheduler.schedule = counting  # type: ignore[method-assign]
+    outs = llm.generate(
+        _prompts(2), [SamplingParams(max_tokens=n, ignore_eos=True) for n in (1, 5)]
+    )
+    assert [len(o.token_ids) for o in outs] == [1, 5]
+    assert sum(rows) == 1 + 5
+
+
+def test_abort_while_a_step_is_in_flight():
+    prompts = _prompts(3)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = _sim(False).generate(prompts, params)
+    llm = _sim(True)
+    ids = [llm._add(p, params, 0) for p in prompts]
+    got: dict[str, list[int]] = {rid: [] for rid in ids}
+    for _ in range(4):
+        for o in llm.core.step():
+            got[o.request_id] += o.new_token_ids
+    llm.core.abort([ids[1]])
+    while llm.core.has_unfinished():
+        for o in llm.core.step():
+            got[o.request_id] += o.new_token_ids
+    assert got[ids[0]] == want[0].token_ids and got[ids[2]] == want[2].token_ids
+    assert got[ids[1]] == want[1].token_ids[:3]  # steps 1-3 collected before the abort
+    _assert_idle(llm)
+
+    # every request aborted while a step runs: the step is still collected, and the
+    # engine can sleep (nothing in flight afterwards)
+    rid = llm._add([1, 2, 3], params, 0)
+    llm.core.step()
+    llm.core.abort([rid])
+    assert llm.core.has_unfinished()  # the launched step is not collected yet
+    llm.core.sleep()
+    assert not llm.core.has_unfinished()
+    llm.core.wake()
+    _assert_idle(llm)
+
+
+def test_penalties_wait_for_the_pending_token():
+    llm = _sim(True)
+    prompts = _prompts(2)
+    params = [
+        SamplingParams(max_tokens=6, ignore_eos=True),
+        SamplingParams(max_tokens=6, ignore_eos=True, presence_penalty=0.5),
+    ]
+    outs = llm.generate(prompts, params)
+    assert [len(o.token_ids) for o in outs] == [6, 6]
+    # each of the penalised request's six steps is waited for before the next is
+    # scheduled (the last one too: the seventh call finds it pending)
+    assert llm.core.num_sync_steps == 6
+
+
+def test_in_flight_token_layout():
+    prompt = [11, 12, 13]
+    r = Request("r", prompt, SamplingParams(max_tokens=4))
+    r.output_token_ids = [21]
+    r.num_computed_tokens = 4  # the prompt and the first output are in the cache
+    r.num_pending_tokens = 1  # a second output is being sampled
+    item = ScheduledRequest(r, 1, [3])
+    assert (item.start, item.samples, item.output_index, item.input_in_flight) == (4, True, 2, True)
+    other = Request("o", [5, 6], SamplingParams(max_tokens=4))
+    plan = StepPlan.gather(SchedulerOutput(scheduled=[ScheduledRequest(other, 2, [1]), item]))
+    assert plan.tokens == [5, 6, 0] and plan.fill_rows == [2] and plan.fill_requests == ["r"]
+    lay = plan.layout()
+    assert lay.num_fills == 1
+    buf = np.zeros(lay.size, dtype=np.int64)
+    plan.write(buf, lay, 16, np.array([7]))
+    assert buf[lay.fills].tolist() == [2, 7]
+    assert buf[lay.positions].tolist() == [0, 1, 4]  # the in-flight token is the 5th
+    with pytest.raises(ValueError, match="in flight"):
+        plan.write(buf, lay, 16)
+
+
+def _model(model_dir, async_scheduling: bool, **kw) -> LLM:
+    return LLM(
+        str(model_dir),
+        progress=False,
+        device="cpu",
+        async_scheduling=async_scheduling,
+        **kw,
+    )
+
+
+def _model_params(stop_token: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(stop_token,)),
+        SamplingParams(temperature=0.0, max_tokens=6, min_tokens=4, ignore_eos=True),
+    ]
+
+
+def _count_in_flight(llm: LLM) -> list[int]:
+    """Per step, how many inputs the runner takes from the previous step's tokens."""
+    runner = llm.core.runner
+    counts: list[int] = []
+    prepare = runner._prepare
+
+    def counting(sched, prev=None):  # type: ignore[no-untyped-def]
+        counts.append(sum(item.input_in_flight for item in sched.scheduled))
+        return prepare(sched, prev)
+
+    runner._prepare = counting  # type: ignore[method-assign]
+    return counts
+
+
+def _model_prompts(n: int) -> list[list[int]]:
+    return [[(5 * i + 7 * j) % 300 + 10 for j in range(3 + 4 * i)] for i in range(n)]
+
+
+def test_model_async_equals_sync(tiny_model_dir):
+    prompts = _model_prompts(5)
+    sync = _model(tiny_model_dir, False)
+    probe = sync.generate(prompts[3:4], SamplingParams(temperature=0.0, max_tokens=12))
+    stop_token = probe[0].token_ids[3]
+    want = sync.generate(prompts, _model_params(stop_token))
+    llm = _model(tiny_model_dir, True)
+    in_flight = _count_in_flight(llm)
+    got = llm.generate(prompts, _model_params(stop_token))
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [(o.finish_reason, o.stop_reason) for o in got] == [
+        (o.finish_reason, o.stop_reason) for o in want
+    ]
+    # logprobs: the same tokens and ranks; values to float32 rounding (the stopped
+    # request's wasted row changes one step's batch size, and with it the GEMM's
+    # blocking on CPU)
+    for a, b in zip(got[2].logprobs, want[2].logprobs, strict=True):
+        for x, y in zip((a.sampled, *a.top), (b.sampled, *b.top), strict=True):
+            assert (x.token_id, x.rank) == (y.token_id, y.rank)
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+    assert got[3].finish_reason is FinishReason.STOP and got[3].stop_reason == stop_token
+    # every decode step took its inputs on the device: 5 rows after the prefill
+    assert in_flight[:4] == [0, 5, 5, 5] and llm.core.num_sync_steps == 0
+    _assert_idle(llm)
+
+
+def test_model_penalties_equal_sync(tiny_model_dir):
+    prompts = _model_prompts(3)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=12, frequency_penalty=0.9, ignore_eos=True),
+    ]
+    want = _model(tiny_model_dir, False).generate(prompts, params)
+    llm = _model(tiny_model_dir, True)
+    in_flight = _count_in_flight(llm)
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    # a penalised request always has its previous token on the host: the steps wait
+    assert llm.core.num_sync_steps == 12 and not any(in_flight)
+    _assert_idle(llm)
+
+
+def test_model_async_through_decode_graph_layout(tiny_model_dir):
+    pytest.importorskip("triton")
+    prompts = _model_prompts(3)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (4, 6, 5)]
+    want = _model(tiny_model_dir, False, attention_backend="triton", enforce_eager=True)
+    want_ids = [o.token_ids for o in want.generate(prompts, params)]
+    llm = _model(tiny_model_dir, True, attention_backend="triton")
+    runner = llm.core.runner
+    runner.use_decode_graphs(capture=False)
+    seen: list[int] = []
+    graphs_run = runner.graphs.run
+
+    def run(size: int) -> torch.Tensor:
+        seen.append(size)
+        return graphs_run(size)
+
+    runner.graphs.run = run  # type: ignore[method-assign]
+    fills = _count_in_flight(llm)
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == want_ids
+    assert seen and max(fills) == 3  # the graph steps took their tokens on the device
+    _assert_idle(llm)
+
+
+def test_launched_step_without_the_token_is_an_error(tiny_model_dir):
+    llm = _model(tiny_model_dir, True)
+    r = Request("r", [11, 12, 13], SamplingParams(max_tokens=4))
+    r.output_token_ids = [21]
+    r.num_computed_tokens = 4
+    r.num_pending_tokens = 1
+    sched = SchedulerOutput(scheduled=[ScheduledRequest(r, 1, [0])], num_batched_tokens=1)
+    with pytest.raises(RuntimeError, match="takes a token in flight"):
+        llm.core.runner.launch(sched, LaunchedStep())
