@@ -13,7 +13,8 @@ Phases, in order:
    against bf16 on the GPU through the Triton backend: relative error of the logits.
 3. ``greedy``: greedy tokens of the same prompts, float32 on CPU against float32 on
    the GPU (Triton backend): where the first mismatch is, per prompt; and bf16 on the
-   GPU with decode CUDA graphs against the same engine with ``enforce_eager``.
+   GPU with decode CUDA graphs against the same engine with ``enforce_eager``, and
+   against the graphs without async scheduling.
 4. ``kernels``: the Triton attention kernels against the torch reference on the
    GPU (mixed prefill/decode batches over shuffled block tables), and a decode
    attention timing (GB/s over the K/V bytes read).
@@ -23,7 +24,8 @@ Phases, in order:
    and how their budget was sized (``kv_sizing``: weights, profiled activation
    peak, reserve, non-torch memory); peak memory; the graphs' sizes and capture
    time. Then one request alone, 128-token prompt, 128 outputs →
-   ``batch1_ms_per_token``.
+   ``batch1_ms_per_token``, and again with async scheduling off →
+   ``batch1_sync_ms_per_token``.
 6. ``batch1_eager``: the same batch-1 run with ``enforce_eager`` (no graphs).
 7. ``fp8_kv``: phase 5's workload with ``kv_cache_dtype="fp8"`` → ``out_tok_s`` and
    the KV blocks the same budget buys.
@@ -197,6 +199,8 @@ def drive(llm: LLM, prompts, out_lens, cap_s: float, tag: str) -> dict:
         "wall_s": round(seconds, 3),
         "out_tok_s": round(generated / seconds, 1) if seconds > 0 else None,
         "timed_out": timed_out,
+        "async_scheduling": core.async_scheduling,
+        "sync_steps": core.num_sync_steps,
     }
 
 
@@ -345,6 +349,19 @@ def phase_greedy(args, model_dir: str, prompts) -> Callable[[float], dict]:
             del llm
             _free()
         graph_diff = _first_diffs(bf16[True], bf16[False])
+        # the same graphs without async scheduling (the engines above use it on CUDA)
+        llm = make_llm(
+            model_dir,
+            args.device,
+            args.dtype,
+            kv_cache_memory_bytes=1 << 30,
+            max_num_seqs=8,
+            async_scheduling=False,
+        )
+        sync = [o.token_ids for o in llm.generate(prompts, sp)]
+        del llm
+        _free()
+        async_diff = _first_diffs(sync, bf16[False])
         return {
             "prompts": len(prompts),
             "tokens_each": args.greedy_tokens,
@@ -353,6 +370,8 @@ def phase_greedy(args, model_dir: str, prompts) -> Callable[[float], dict]:
             "cuda_graphs_fp32": graphs,
             "graphs_vs_eager_bf16_identical": all(d is None for d in graph_diff),
             "graphs_vs_eager_bf16_first_mismatch": graph_diff,
+            "async_vs_sync_bf16_identical": all(d is None for d in async_diff),
+            "async_vs_sync_bf16_first_mismatch": async_diff,
         }
 
     return run
@@ -525,6 +544,7 @@ def phase_throughput(
             rec["kv_cache_GiB"] = round(layout.num_bytes / 2**30, 2) if layout else None
         if batch1:
             rec["batch1"] = _batch1(llm, llm.core.vocab_size)
+            rec["batch1_sync"] = _batch1_sync(llm, llm.core.vocab_size)
         del llm
         return rec
 
@@ -554,10 +574,8 @@ def _batch1(llm: LLM, vocab: int) -> dict:
     core.add_request(Request("b1", prompt, sp, arrival_time=time.monotonic()))
     times = []
     while core.has_unfinished():
-        outs = core.step()
+        outs = core.step()  # a token is returned once it is on the host: no sync needed
         if outs and outs[0].new_token_ids:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
             times.append(time.perf_counter())
     gaps = [b - a for a, b in itertools.pairwise(times)]
     gaps.sort()
@@ -565,7 +583,19 @@ def _batch1(llm: LLM, vocab: int) -> dict:
         "tokens": len(times),
         "batch1_ms_per_token": round(1000 * (times[-1] - times[0]) / (len(times) - 1), 3),
         "median_ms": round(1000 * gaps[len(gaps) // 2], 3),
+        "async_scheduling": core.async_scheduling,
     }
+
+
+def _batch1_sync(llm: LLM, vocab: int) -> dict:
+    """:func:`_batch1` on the same engine with async scheduling off (nothing is in
+    flight between requests, so the switch is safe)."""
+    core = llm.core
+    was, core.async_scheduling = core.async_scheduling, False
+    try:
+        return _batch1(llm, vocab)
+    finally:
+        core.async_scheduling = was
 
 
 def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]:
@@ -751,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         "kv_blocks": ph.get("throughput", {}).get("kv_blocks"),
         "peak_memory_allocated_GiB": ph.get("throughput", {}).get("peak_memory_allocated_GiB"),
         "batch1_eager_ms_per_token": ph.get("batch1_eager", {}).get("batch1_ms_per_token"),
+        "batch1_sync_ms_per_token": ph.get("throughput", {})
+        .get("batch1_sync", {})
+        .get("batch1_ms_per_token"),
         "cuda_graphs": ph.get("throughput", {}).get("cuda_graphs"),
         "fp8_kv_out_tok_s": ph.get("fp8_kv", {}).get("out_tok_s"),
         "fp8_kv_blocks": ph.get("fp8_kv", {}).get("kv_blocks"),
@@ -762,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         "graphs_vs_eager_bf16_identical": ph.get("greedy", {}).get(
             "graphs_vs_eager_bf16_identical"
         ),
+        "async_vs_sync_bf16_identical": ph.get("greedy", {}).get("async_vs_sync_bf16_identical"),
         "kernels_ok": ph.get("kernels", {}).get("ok"),
         "failed_phases": [k for k, v in ph.items() if "error" in v],
         "total_s": round(time.perf_counter() - T0, 1),
