@@ -376,3 +376,22 @@ def test_launched_step_without_the_token_is_an_error(tiny_model_dir):
     sched = SchedulerOutput(scheduled=[ScheduledRequest(r, 1, [0])], num_batched_tokens=1)
     with pytest.raises(RuntimeError, match="takes a token in flight"):
         llm.core.runner.launch(sched, LaunchedStep())
+
+
+def test_prefix_cache_indexes_the_same_blocks_as_sync():
+    """A block whose last token was in flight when its step was scheduled is indexed
+    once the token is known, even when the request ends right after, so a
+    continuation hits exactly what it hits after synchronous steps."""
+    prompt = [[200 + j for j in range(11)]]
+    hits = {}
+    for mode in (False, True):
+        llm = _sim(mode, block_size=8)
+        first = llm.generate(prompt, SamplingParams(max_tokens=22, ignore_eos=True))[0]
+        before = llm.core.stats().prefix_hits
+        cont = [prompt[0] + first.token_ids + [7, 7, 7]]
+        llm.generate(cont, SamplingParams(max_tokens=2, ignore_eos=True))
+        hits[mode] = llm.core.stats().prefix_hits - before
+        _assert_idle(llm)
+    # 11 + 22 = 33 tokens, the last never fed: positions 0-31 were computed, and the
+    # last step fed position 31 while it was in flight, filling the fourth block
+    assert hits == {False: 32, True: 32}

@@ -252,6 +252,11 @@ class Scheduler:
             first = not request.output_token_ids
             request.output_token_ids.append(token)
             self.num_generation_tokens += 1
+            n = request.num_tokens
+            if request.num_computed_tokens >= n and n % self.kv.block_size == 0:
+                # a launched step already feeds this token (async scheduling) and it
+                # fills a block: index that block now that its tokens are known
+                self.kv.register_known(request)
             reason, stop_token = self._check_stop(request, token)
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(

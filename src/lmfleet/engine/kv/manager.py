@@ -138,6 +138,14 @@ class KVCacheManager:
             self._register_full_blocks(request, total)
         return owned
 
+    def register_known(self, request: Request) -> None:
+        """Index the request's computed blocks that became full of known tokens since
+        they were allocated: with async scheduling a block whose last token was still
+        in flight at allocation waits for that token (a no-op without prefix caching
+        or for a request that holds no blocks, e.g. preempted)."""
+        if self.enable_prefix_caching and request.request_id in self._blocks:
+            self._register_full_blocks(request, request.num_computed_tokens)
+
     def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Index the blocks that will be full once ``num_tokens`` are computed."""
         rid = request.request_id
