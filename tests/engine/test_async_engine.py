@@ -32,13 +32,19 @@ async def collect(engine, prompt, params, **kw):
     return "".join(text), toks, last
 
 
-def test_concurrent_streams_match_offline(tiny_model_dir):
+ASYNC_SCHEDULING = pytest.mark.parametrize(
+    "async_scheduling", [False, True], ids=["sync-steps", "async-steps"]
+)
+
+
+@ASYNC_SCHEDULING
+def test_concurrent_streams_match_offline(tiny_model_dir, async_scheduling):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["Hello there", "The fleet", "Ünïcödé 日本語 text", "a"]
     expected = LLM(str(tiny_model_dir), progress=False).generate(prompts, params)
 
     async def main():
-        engine = await started(tiny_model_dir)
+        engine = await started(tiny_model_dir, async_scheduling=async_scheduling)
         try:
             return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
         finally:
@@ -51,10 +57,18 @@ def test_concurrent_streams_match_offline(tiny_model_dir):
         assert last.finished and last.finish_reason is FinishReason.LENGTH
 
 
-@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
-def test_cancelled_consumer_aborts_and_frees_blocks(tiny_model_dir, engine_process):
+@pytest.mark.parametrize(
+    ("engine_process", "async_scheduling"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["thread", "process", "thread-async-steps", "process-async-steps"],
+)
+def test_cancelled_consumer_aborts_and_frees_blocks(
+    tiny_model_dir, engine_process, async_scheduling
+):
     async def main():
-        engine = await started(tiny_model_dir, engine_process=engine_process)
+        engine = await started(
+            tiny_model_dir, engine_process=engine_process, async_scheduling=async_scheduling
+        )
         try:
             long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
             agen = engine.generate([5] * 40, long)
@@ -99,7 +113,8 @@ def test_rejected_request_raises_before_streaming(tiny_model_dir):
     assert len(run(main())) == 3
 
 
-def test_stop_string_ends_stream(tiny_model_dir):
+@ASYNC_SCHEDULING
+def test_stop_string_ends_stream(tiny_model_dir, async_scheduling):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     full = LLM(str(tiny_model_dir), progress=False).generate("Stop here", params)[0].text
     stop = full[10:13]
@@ -107,7 +122,7 @@ def test_stop_string_ends_stream(tiny_model_dir):
         pytest.skip("greedy text has no usable stop string")
 
     async def main():
-        engine = await started(tiny_model_dir)
+        engine = await started(tiny_model_dir, async_scheduling=async_scheduling)
         try:
             return await collect(
                 engine,

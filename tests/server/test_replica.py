@@ -184,9 +184,10 @@ def test_drain_timeout_aborts_the_rest(tiny_model_dir):
     run(main())
 
 
-def test_sleep_and_wake(tiny_model_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-steps", "async-steps"])
+def test_sleep_and_wake(tiny_model_dir, async_scheduling):
     async def main():
-        async with serving(tiny_model_dir) as (client, rep):
+        async with serving(tiny_model_dir, async_scheduling=async_scheduling) as (client, rep):
             before = (await client.post(CHAT, json=chat_body(max_tokens=5, temperature=0))).json()
             # a request in flight: sleep refuses
             running = asyncio.create_task(client.post(CHAT, json=long_chat(100)))
@@ -248,12 +249,14 @@ def test_api_key_and_admin_token(tiny_model_dir):
     run(main())
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-steps", "async-steps"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_client_disconnect_aborts_and_frees_blocks(tiny_model_dir, stream):
+def test_client_disconnect_aborts_and_frees_blocks(tiny_model_dir, stream, async_scheduling):
     """Cancelling the client mid-request (in-process stand-in for a dropped connection)."""
 
     async def main():
-        async with serving(tiny_model_dir, max_model_len=4096) as (client, rep):
+        settings = {"max_model_len": 4096, "async_scheduling": async_scheduling}
+        async with serving(tiny_model_dir, **settings) as (client, rep):
             task = asyncio.create_task(client.post(CHAT, json=long_chat(3000, stream=stream)))
             await wait_for(lambda: (s := rep.stats()) is not None and s.num_running == 1)
             task.cancel()
