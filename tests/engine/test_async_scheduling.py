@@ -395,3 +395,50 @@ def test_prefix_cache_indexes_the_same_blocks_as_sync():
     # 11 + 22 = 33 tokens, the last never fed: positions 0-31 were computed, and the
     # last step fed position 31 while it was in flight, filling the fourth block
     assert hits == {False: 32, True: 32}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_async_steps_equal_sync_and_never_wait_before_the_read_back(
+    tiny_model_dir, monkeypatch
+):
+    """On CUDA with captured decode graphs: the same greedy tokens as synchronous
+    steps, and a step launches without any host sync (``set_sync_debug_mode``), the
+    only wait being the previous step's read-back, while the GPU still runs the new
+    step."""
+    from lmfleet.engine.layers import sampler as sampler_module
+
+    prompts = _model_prompts(5)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 5
+    kw = {"device": "cuda", "attention_backend": "triton", "kv_cache_memory_bytes": 1 << 28}
+    want = [
+        o.token_ids
+        for o in LLM(str(tiny_model_dir), progress=False, **kw).generate(prompts, params)
+    ]
+    llm = LLM(str(tiny_model_dir), progress=False, async_scheduling=True, **kw)
+    assert llm.core.async_scheduling and llm.core.runner.graphs is not None
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4))  # pinned buffers
+    busy_at_wait: list[bool] = []
+    wait = sampler_module._Fetch.wait
+
+    def checked_wait(self):  # type: ignore[no-untyped-def]
+        busy_at_wait.append(not torch.cuda.current_stream().query())
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return wait(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(sampler_module._Fetch, "wait", checked_wait)
+    ids = [llm._add(p, sp, 0) for p, sp in zip(prompts, params, strict=True)]
+    got: dict[str, list[int]] = {rid: [] for rid in ids}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while llm.core.has_unfinished():
+            for out in llm.core.step():
+                got[out.request_id] += out.new_token_ids
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [got[rid] for rid in ids] == want
+    # while decoding, each read-back found the GPU busy with the step launched after it
+    assert sum(busy_at_wait) >= len(busy_at_wait) // 2

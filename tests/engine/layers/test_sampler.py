@@ -668,17 +668,17 @@ def test_cuda_sampler_syncs_once_at_the_read_back(
     sampler = Sampler(seed=31, device="cuda")
     sampler(logits, batch)  # allocates buffers, pinned memory and kernels
     waits: list[bool] = []
-    wait = sampler_module._ReadBack._wait
+    wait = sampler_module._Fetch.wait
 
-    def checked_wait(self: sampler_module._ReadBack) -> None:
+    def checked_wait(self: sampler_module._Fetch) -> np.ndarray:
         waits.append(torch.cuda.current_stream().query())  # False: the GPU is still busy
         torch.cuda.set_sync_debug_mode("default")
         try:
-            wait(self)
+            return wait(self)
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    monkeypatch.setattr(sampler_module._ReadBack, "_wait", checked_wait)
+    monkeypatch.setattr(sampler_module._Fetch, "wait", checked_wait)
     if not greedy:
         logits, batch = mixed_batch("cuda")  # fresh per-request generators
     sampler.generator.manual_seed(31)
