@@ -156,12 +156,8 @@ def test_next_step_launches_before_the_previous_is_collected():
     assert llm.core.steps == 3
 
 
-def test_a_stop_costs_one_wasted_row_and_no_output():
-    llm = _sim(True)
-    sync = _sim(False)
-    prompt = [[9, 8, 7]]
-    first = sync.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True))[0].token_ids
-    stop = SamplingParams(max_tokens=30, stop_token_ids=(first[4],), ignore_eos=True)
+def _count_rows(llm: LLM) -> list[int]:
+    """Per scheduled step, how many requests it runs."""
     rows: list[int] = []
     schedule = llm.core.scheduler.schedule
 
@@ -171,6 +167,16 @@ def test_a_stop_costs_one_wasted_row_and_no_output():
         return sched
 
     llm.core.scheduler.schedule = counting  # type: ignore[method-assign]
+    return rows
+
+
+def test_a_stop_costs_one_wasted_row_and_no_output():
+    llm = _sim(True)
+    sync = _sim(False)
+    prompt = [[9, 8, 7]]
+    first = sync.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True))[0].token_ids
+    stop = SamplingParams(max_tokens=30, stop_token_ids=(first[4],), ignore_eos=True)
+    rows = _count_rows(llm)
     out = llm.generate(prompt, stop)[0]
     assert out.token_ids == first[: first.index(first[4]) + 1]
     assert out.finish_reason is FinishReason.STOP and out.stop_reason == first[4]
@@ -181,15 +187,7 @@ def test_a_stop_costs_one_wasted_row_and_no_output():
 
 def test_length_limit_is_known_ahead_and_wastes_nothing():
     llm = _sim(True)
-    rows: list[int] = []
-    schedule = llm.core.scheduler.schedule
-
-    def counting():  # type: ignore[no-untyped-def]
-        sched = schedule()
-        rows.append(len(sched.scheduled))
-        return sched
-
-    llm.core.scheduler.schedule = counting  # type: ignore[method-assign]
+    rows = _count_rows(llm)
     outs = llm.generate(
         _prompts(2), [SamplingParams(max_tokens=n, ignore_eos=True) for n in (1, 5)]
     )
