@@ -344,6 +344,7 @@ def phase_greedy(args, model_dir: str, prompts) -> Callable[[float], dict]:
                 args.dtype,
                 kv_cache_memory_bytes=1 << 30,
                 enforce_eager=eager,
+                async_scheduling=True,  # the CUDA default, forced so a CPU smoke run checks it too
             )
             bf16[eager] = [o.token_ids for o in llm.generate(prompts, sp)]
             del llm
