@@ -74,8 +74,7 @@ while core.has_unfinished():
         tokens += len(out.new_token_ids)
 wall = time.perf_counter() - t
 print(json.dumps({"wall_s": wall, "steps": core.steps, "tokens": tokens,
-                  "device_s": core.runner.seconds_simulated,
-                  "sync_steps": core.num_sync_steps}))
+                  "device_s": core.runner.seconds_simulated}))
 """
 
 

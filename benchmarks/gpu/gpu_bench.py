@@ -200,7 +200,6 @@ def drive(llm: LLM, prompts, out_lens, cap_s: float, tag: str) -> dict:
         "out_tok_s": round(generated / seconds, 1) if seconds > 0 else None,
         "timed_out": timed_out,
         "async_scheduling": core.async_scheduling,
-        "sync_steps": core.num_sync_steps,
     }
 
 

@@ -132,8 +132,7 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="schedule and pack the next engine step while the current one runs on the "
         "GPU, feeding its sampled tokens to the next step on the device, so host time "
         "overlaps GPU time. A request's token that turns out to be a stop token costs "
-        "one wasted step row; steps with repetition/presence/frequency penalties wait "
-        "as before (default: on for CUDA, off on CPU where nothing overlaps)",
+        "one wasted step row (default: on for CUDA, off on CPU where nothing overlaps)",
     )
     g.add_argument(
         "--max-seq-len-to-capture",

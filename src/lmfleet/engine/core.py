@@ -99,8 +99,6 @@ class EngineCore:
         self.async_scheduling = _async_scheduling(config, self.runner)
         #: the launched step whose tokens are not collected yet (async scheduling)
         self._in_flight: tuple[SchedulerOutput, LaunchedStep | SimStep] | None = None
-        #: steps that waited for the previous one because a token's value was needed
-        self.num_sync_steps = 0
         self.load_seconds = time.perf_counter() - t0
         if self.async_scheduling:
             logger.info("async scheduling: on (the next step is scheduled while one runs)")
@@ -166,14 +164,11 @@ class EngineCore:
         """Launch the next step, then finish the one in flight: returns that one's
         outputs (the first call returns none)."""
         outputs: list[EngineCoreOutput] = []
-        if self._in_flight is not None and self.scheduler.needs_pending_values():
-            self.num_sync_steps += 1
-            outputs = self._finish_in_flight()
         prev = self._in_flight
         sched = self.scheduler.schedule()
         launched = self.runner.launch(sched, prev[1] if prev is not None else None)
         if prev is not None:
-            outputs += self.scheduler.update(prev[0], self.runner.collect(prev[1]))
+            outputs = self.scheduler.update(prev[0], self.runner.collect(prev[1]))
         self._in_flight = None if sched.is_empty else (sched, launched)
         if not sched.is_empty:
             self.steps += 1

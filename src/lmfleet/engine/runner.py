@@ -68,10 +68,13 @@ class LaunchedStep:
 
     request_ids: list[str] = field(default_factory=list)
     pending: PendingSample | None = None
+    _rows: dict[str, int] | None = None
 
     def rows(self) -> dict[str, int]:
         """Request id -> row of the pending token ids."""
-        return {rid: i for i, rid in enumerate(self.request_ids)}
+        if self._rows is None:
+            self._rows = {rid: i for i, rid in enumerate(self.request_ids)}
+        return self._rows
 
 
 @dataclass(slots=True)
@@ -335,8 +338,25 @@ class ModelRunner:
             return LaunchedStep()
         sampling = [item for item in sched.scheduled if item.samples]
         requests = [it.request for it in sampling]
+        pending_tokens, pending_index = None, None
+        if (
+            prev is not None
+            and prev.pending is not None
+            and any(
+                it.input_in_flight and it.request.sampling_params.has_penalties for it in sampling
+            )
+        ):
+            rows = prev.rows()  # penalties count the in-flight token on the device
+            pending_tokens = prev.pending.token_ids
+            pending_index = [
+                rows[it.request.request_id] if it.input_in_flight else None for it in sampling
+            ]
         batch = SamplingBatch.from_requests(
-            requests, [self._generator(r) for r in requests], [it.output_index for it in sampling]
+            requests,
+            [self._generator(r) for r in requests],
+            [it.output_index for it in sampling],
+            pending_tokens,
+            pending_index,
         )
         return LaunchedStep([r.request_id for r in requests], self.sampler.sample(logits, batch))
 

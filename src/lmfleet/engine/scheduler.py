@@ -98,12 +98,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def needs_pending_values(self) -> bool:
-        """Whether the next step needs to know a pending token first: sampling with
-        penalties counts every generated token, so a request that has one pending
-        cannot be sampled again until it is known (async scheduling waits)."""
-        return any(r.num_pending_tokens and r.sampling_params.has_penalties for r in self.running)
-
     # ---- intake --------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.num_prompt_tokens += request.num_prompt_tokens

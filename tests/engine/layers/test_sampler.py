@@ -695,3 +695,48 @@ def test_cuda_sampler_syncs_once_at_the_read_back(
         assert out.token_ids == expected.tolist()
     else:
         assert out.token_ids == reference_tokens(logits, batch, sampler_seed=31)
+
+
+def test_penalties_count_outputs_still_on_the_device() -> None:
+    """Async scheduling: a row's newest output may exist only in the previous step's
+    device tokens. Counted from there, the penalties equal those of the complete
+    host lists, and so do the sampled tokens."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 12, generator=gen)
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.7),
+        SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7),
+        SamplingParams(temperature=0.0),  # no penalty: its pending token is not staged
+        SamplingParams(temperature=0.9, seed=3, frequency_penalty=1.2),
+    ]
+    prompts = [[1, 2], [3], [4], [5, 6]]
+    outputs = [[7, 7], [], [2], [9]]  # complete lists...
+    last = [8, 7, 5, 9]  # ...plus one newest token each
+    complete = make_batch(
+        params,
+        prompts=prompts,
+        outputs=[[*o, t] for o, t in zip(outputs, last, strict=True)],
+        generators=[None, None, None, seeded(3)],
+    )
+    prev = torch.tensor([0, 9, 8, 7, 5, 0])  # the previous step's tokens, rows 4 1 3 2 at
+    pending = SamplingBatch(
+        params=params,
+        generators=[None, None, None, seeded(3)],
+        prompt_token_ids=prompts,
+        output_token_ids=outputs,
+        blocked_token_ids=[()] * 4,
+        pending_tokens=prev,
+        pending_index=[2, 3, 4, 1],
+    )
+    want, got = logits.clone(), logits.clone()
+    apply_penalties(want, complete)
+    apply_penalties(got, pending)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, logits)
+    assert Sampler(seed=1)(logits, pending).token_ids == Sampler(seed=1)(logits, complete).token_ids
+    # a row whose newest token is already on the host is left alone
+    partial = make_batch(params, prompts=prompts, outputs=complete.output_token_ids)
+    partial.pending_tokens, partial.pending_index = prev, [None] * 4
+    none_pending = logits.clone()
+    apply_penalties(none_pending, partial)
+    assert torch.equal(none_pending, want)

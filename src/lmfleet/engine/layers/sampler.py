@@ -57,6 +57,11 @@ class SamplingBatch:
     output_token_ids: list[list[int]]
     #: token ids that must not be sampled at this step (ids >= V are ignored)
     blocked_token_ids: list[tuple[int, ...]]
+    #: async scheduling: the previous step's sampled tokens, still on the device...
+    pending_tokens: torch.Tensor | None = None
+    #: ...and per row, where the row's newest output token sits there when the host
+    #: does not know it yet (None: ``output_token_ids`` is complete). Penalties count it.
+    pending_index: list[int | None] | None = None
 
     @classmethod
     def from_requests(
@@ -64,10 +69,13 @@ class SamplingBatch:
         requests: Sequence[Request],
         generators: Sequence[torch.Generator | None],
         output_indices: Sequence[int] | None = None,
+        pending_tokens: torch.Tensor | None = None,
+        pending_index: list[int | None] | None = None,
     ) -> SamplingBatch:
         """Build the batch for ``requests``; ``generators[i]`` belongs to ``requests[i]``.
         ``output_indices[i]`` is the output index of the token row ``i`` samples
-        (default: the next one; more when earlier tokens are still in flight)."""
+        (default: the next one; more when earlier tokens are still in flight), and
+        ``pending_tokens[pending_index[i]]`` the row's last output when it is in flight."""
         if len(generators) != len(requests):
             raise ValueError(
                 f"need one generator (or None) per request: got {len(generators)} "
@@ -83,6 +91,8 @@ class SamplingBatch:
             blocked_token_ids=[
                 blocked_token_ids(r, i) for r, i in zip(requests, output_indices, strict=True)
             ],
+            pending_tokens=pending_tokens,
+            pending_index=pending_index,
         )
 
     def __len__(self) -> int:
@@ -259,6 +269,11 @@ def _stage_penalties(pack: _Pack, batch: SamplingBatch, rows: list[int], vocab: 
     if len(rows) < len(batch):
         pack.ints("penalty_rows", rows)
     pack.ints("output_ids", _flat_ids([batch.output_token_ids[i] for i in rows], vocab))
+    pending = batch.pending_index
+    if pending is not None:  # outputs still on the device are counted there
+        dst = [j for j, i in enumerate(rows) if pending[i] is not None]
+        pack.ints("pending_dst", dst)
+        pack.ints("pending_src", [pending[rows[j]] for j in dst])  # type: ignore[misc]
     if any(p.repetition_penalty != 1.0 for p in params):
         pack.floats("repetition", [p.repetition_penalty for p in params])
         pack.ints("prompt_ids", _flat_ids([batch.prompt_token_ids[i] for i in rows], vocab))
@@ -287,6 +302,8 @@ class _Plan:
     sample_rows: list[int]  # rows that are not greedy
     sample_generators: list[torch.Generator | None]  # one per sample row
     shared: list[int]  # positions among the sample rows that use the sampler's generator
+    #: the previous step's sampled tokens (async scheduling), for penalties
+    pending_tokens: torch.Tensor | None = None
 
     @classmethod
     def build(cls, batch: SamplingBatch, vocab: int) -> _Plan:
@@ -308,7 +325,9 @@ class _Plan:
                 pack.ints("sample_rows", sample_rows)
             if len(shared) < len(sample_rows):
                 pack.ints("shared_rows", shared)
-        return cls(pack, lp_rows, penalty_rows, sample_rows, generators, shared)
+        return cls(
+            pack, lp_rows, penalty_rows, sample_rows, generators, shared, batch.pending_tokens
+        )
 
 
 def _rows(t: torch.Tensor, dev: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -468,6 +487,11 @@ def _apply_penalties(logits: torch.Tensor, plan: _Plan, dev: dict[str, torch.Ten
     counts = torch.zeros(rows * (vocab + 1), device=logits.device)
     if "output_ids" in dev:
         ids = dev["output_ids"]
+        counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+    if "pending_dst" in dev and plan.pending_tokens is not None:
+        # each such row's newest output is still only on the device (async scheduling)
+        tokens = plan.pending_tokens.index_select(0, dev["pending_src"])
+        ids = dev["pending_dst"] * (vocab + 1) + tokens
         counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
     counts = counts.view(rows, vocab + 1)
     out_counts = counts[:, :vocab]  # (P, V)
