@@ -2,9 +2,8 @@
 
 One accounting rule: every request has ``num_computed_tokens`` and catches up to
 ``num_tokens`` (prompt + output) plus ``num_pending_tokens``. A step gives each
-running request what it lacks,
-capped by the token budget (chunked prefill), then admits waiting requests while
-budget, ``max_num_seqs`` and KV blocks allow. A prefix-cache hit simply starts a
+running request what it lacks, capped by the token budget (chunked prefill), then
+admits waiting requests while budget, ``max_num_seqs`` and KV blocks allow. A prefix-cache hit simply starts a
 request with some tokens already computed. When blocks run out, the
 lowest-priority running request (the latest admitted, under FCFS) is preempted: its
 blocks are freed and it is recomputed later. Running out is never an error.
