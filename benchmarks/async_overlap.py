@@ -13,8 +13,9 @@ on an H200, from bandwidth alone (weights plus the KV cache read once per step a
 70% of 4.8 TB/s); the measured quantity is the wall time of the same workload with
 ``async_scheduling`` off and on, alternating, each run in its own process.
 
-Workload: the GPU benchmark's (256 requests, prompt and output lengths uniform in
-[100, 1024], greedy, EOS ignored, max_num_seqs 256).
+Workloads: the GPU benchmark's (``batch256``: 256 requests, prompt and output
+lengths uniform in [100, 1024], greedy, EOS ignored, max_num_seqs 256) and its
+batch-1 decode (``batch1``: one request, 128-token prompt, 128 outputs).
 
     .venv/bin/python benchmarks/async_overlap.py            # about 2 minutes
 """
@@ -78,9 +79,9 @@ print(json.dumps({"wall_s": wall, "steps": core.steps, "tokens": tokens,
 """
 
 
-def run_once(on: bool, args: argparse.Namespace, profiles: Path) -> dict:
+def run_once(on: bool, workload: tuple[int, int, int], profiles: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LMFLEET_SIM_PROFILES": str(profiles)}
-    argv = [str(args.num_requests), "100", "1024", "on" if on else "off"]
+    argv = [*map(str, workload), "on" if on else "off"]
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, *argv], env=env, capture_output=True, text=True, check=True
     )
@@ -113,49 +114,55 @@ def main(argv: list[str] | None = None) -> int:
     profiles = args.out.with_suffix(".profile.json")
     profiles.parent.mkdir(parents=True, exist_ok=True)
     profiles.write_text(json.dumps({"qwen3-0.6b-h200-est": PROFILE}))
-    runs: dict[str, list[dict]] = {"sync": [], "async": []}
+    workloads = {"batch256": (args.num_requests, 100, 1024), "batch1": (1, 128, 128)}
+    runs: dict[str, dict[str, list[dict]]] = {w: {"sync": [], "async": []} for w in workloads}
     try:
         for i in range(args.repeats):
-            for mode in ("sync", "async"):
-                t0 = time.perf_counter()
-                r = run_once(mode == "async", args, profiles)
-                runs[mode].append(r)
-                print(
-                    f"[{i + 1}/{args.repeats}] {mode:5s}: {r['tokens'] / r['wall_s']:8.0f} tok/s, "
-                    f"{1000 * r['wall_s'] / r['steps']:.2f} ms/step "
-                    f"(device {1000 * r['device_s'] / r['steps']:.2f}), "
-                    f"{time.perf_counter() - t0:.0f}s",
-                    flush=True,
-                )
+            for name, workload in workloads.items():
+                for mode in ("sync", "async"):
+                    t0 = time.perf_counter()
+                    r = run_once(mode == "async", workload, profiles)
+                    runs[name][mode].append(r)
+                    print(
+                        f"[{i + 1}/{args.repeats}] {name} {mode:5s}: "
+                        f"{r['tokens'] / r['wall_s']:8.0f} tok/s, "
+                        f"{1000 * r['wall_s'] / r['steps']:.3f} ms/step "
+                        f"(device {1000 * r['device_s'] / r['steps']:.3f}), "
+                        f"{time.perf_counter() - t0:.0f}s",
+                        flush=True,
+                    )
     finally:
         profiles.unlink(missing_ok=True)
-    sync, asyn = summarize(runs["sync"]), summarize(runs["async"])
-    result = {
-        "sync": sync,
-        "async": asyn,
-        "ratio_out_tok_s_async_vs_sync": round(
-            asyn["out_tok_s_median"] / sync["out_tok_s_median"], 3
-        ),
-        # what the host adds per step beyond the device time, in each mode
-        "host_ms_beyond_device": {
-            "sync": round(sync["ms_per_step_median"] - sync["device_ms_per_step"], 3),
-            "async": round(asyn["ms_per_step_median"] - asyn["device_ms_per_step"], 3),
-        },
-        "profile": PROFILE,
-        "workload": f"{args.num_requests} requests, prompt and output lengths uniform in "
+    result: dict = {}
+    for name in workloads:
+        sync, asyn = summarize(runs[name]["sync"]), summarize(runs[name]["async"])
+        result[name] = {
+            "sync": sync,
+            "async": asyn,
+            "ratio_out_tok_s_async_vs_sync": round(
+                asyn["out_tok_s_median"] / sync["out_tok_s_median"], 3
+            ),
+            # what the host adds per step beyond the device time, in each mode
+            "host_ms_beyond_device": {
+                "sync": round(sync["ms_per_step_median"] - sync["device_ms_per_step"], 3),
+                "async": round(asyn["ms_per_step_median"] - asyn["device_ms_per_step"], 3),
+            },
+        }
+    result["profile"] = PROFILE
+    result["workloads"] = {
+        "batch256": f"{args.num_requests} requests, prompt and output lengths uniform in "
         "[100, 1024], greedy, ignore_eos, max_num_seqs 256, max_num_batched_tokens 8192",
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-        },
+        "batch1": "1 request, 128-token prompt, 128 outputs, greedy, ignore_eos",
+    }
+    result["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {k: result[k] for k in ("ratio_out_tok_s_async_vs_sync", "host_ms_beyond_device")}
-        )
-    )
+    for name in workloads:
+        keys = ("ratio_out_tok_s_async_vs_sync", "host_ms_beyond_device")
+        print(name, json.dumps({k: result[name][k] for k in keys}))
     print(f"wrote {args.out}")
     return 0
 
