@@ -26,7 +26,11 @@ Phases, in order:
    time. Then one request alone, 128-token prompt, 128 outputs →
    ``batch1_ms_per_token``, and again with async scheduling off →
    ``batch1_sync_ms_per_token``.
-6. ``batch1_eager``: the same batch-1 run with ``enforce_eager`` (no graphs).
+6. ``batch1_eager``: the same batch-1 run with ``enforce_eager`` (no graphs), then a
+   kernel-by-kernel profile of decode steps at batch 1 and at batch 64 (512-token
+   contexts): device time and launches per step, the top kernels
+   (``profile_batch1``, ``profile_batch64``; ``throughput`` has the same at batch 1
+   through the graphs, ``profile_batch1_graphs``).
 7. ``fp8_kv``: phase 5's workload with ``kv_cache_dtype="fp8"`` → ``out_tok_s`` and
    the KV blocks the same budget buys.
 8. ``fp8``: phase 5's workload with fp8 weights (``quantization="fp8"``).
@@ -545,6 +549,8 @@ def phase_throughput(
         if batch1:
             rec["batch1"] = _batch1(llm, llm.core.vocab_size)
             rec["batch1_sync"] = _batch1_sync(llm, llm.core.vocab_size)
+            # the GPU time of a batch-1 decode step replayed from a CUDA graph
+            rec["profile_batch1_graphs"] = _profile_decode(llm, 1, 128, 8)
         del llm
         return rec
 
@@ -552,16 +558,77 @@ def phase_throughput(
 
 
 def phase_batch1_eager(args, model_dir: str) -> Callable[[float], dict]:
-    """Batch-1 decode without CUDA graphs: what the graphs save."""
+    """Batch-1 decode without CUDA graphs: what the graphs save. Then where the GPU
+    time of a decode step goes, kernel by kernel (eager, so every launch is its own
+    event), at batch 1 and at batch 64 with 512-token contexts."""
 
     def run(cap: float) -> dict:
         llm = make_llm(
             model_dir, args.device, args.dtype, kv_cache_memory_bytes=1 << 30, enforce_eager=True
         )
         warm_up(llm)
-        return _batch1(llm, llm.core.vocab_size)
+        rec = _batch1(llm, llm.core.vocab_size)
+        rec["profile_batch1"] = _profile_decode(llm, 1, 128, 8)
+        rec["profile_batch64"] = _profile_decode(llm, 64, 512, 4)
+        return rec
 
     return run
+
+
+def _profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict:
+    """Device time per decode step by kernel (``torch.profiler``), over ``steps``
+    decode steps of ``batch`` sequences with ``prompt_len``-token prompts. On CPU the
+    times are the ops' CPU times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    core = llm.core
+    rng = random.Random(3)
+    vocab = core.vocab_size
+    sp = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    now = time.monotonic()
+    for i in range(batch):
+        prompt = [rng.randrange(4, vocab) for _ in range(prompt_len)]
+        core.add_request(Request(f"prof{batch}-{i}", prompt, sp, arrival_time=now))
+    while any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.requests.values()
+    ):
+        core.step()  # prefill (and the first decode steps of early finishers)
+    core.step()
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            core.step()
+        if cuda:
+            torch.cuda.synchronize()
+    while core.has_unfinished():
+        core.step()
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            t = getattr(e, "self_device_time_total", None)
+            t = t if t is not None else getattr(e, "self_cuda_time_total", 0)
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            rows.append((e.key, e.count, t))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    return {
+        "batch": batch,
+        "context": prompt_len,
+        "steps": steps,
+        "device_us_per_step" if cuda else "cpu_us_per_step": round(total / steps, 1),
+        "launches_per_step": round(sum(r[1] for r in rows) / steps, 1) if cuda else None,
+        "top": [
+            {
+                "name": k[:90],
+                "calls_per_step": round(c / steps, 2),
+                "us_per_step": round(t / steps, 1),
+            }
+            for k, c, t in rows[:15]
+        ],
+    }
 
 
 def _batch1(llm: LLM, vocab: int) -> dict:
@@ -757,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_throughput(args, model_dir, prompts, out_lens, batch1=True),
             args.cap_throughput_s,
         ),
-        ("batch1_eager", phase_batch1_eager(args, model_dir), 45),
+        ("batch1_eager", phase_batch1_eager(args, model_dir), 60),
         (
             "fp8_kv",
             phase_throughput(args, model_dir, prompts, out_lens, kv_cache_dtype="fp8"),
