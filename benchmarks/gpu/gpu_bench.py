@@ -550,7 +550,7 @@ def phase_throughput(
             rec["batch1"] = _batch1(llm, llm.core.vocab_size)
             rec["batch1_sync"] = _batch1_sync(llm, llm.core.vocab_size)
             # the GPU time of a batch-1 decode step replayed from a CUDA graph
-            rec["profile_batch1_graphs"] = _profile_decode(llm, 1, 128, 8)
+            rec["profile_batch1_graphs"] = _profile_decode(llm, 1, args.profile_context, 8)
         del llm
         return rec
 
@@ -568,8 +568,9 @@ def phase_batch1_eager(args, model_dir: str) -> Callable[[float], dict]:
         )
         warm_up(llm)
         rec = _batch1(llm, llm.core.vocab_size)
-        rec["profile_batch1"] = _profile_decode(llm, 1, 128, 8)
-        rec["profile_batch64"] = _profile_decode(llm, 64, 512, 4)
+        rec["profile_batch1"] = _profile_decode(llm, 1, args.profile_context, 8)
+        batch = args.profile_batch
+        rec[f"profile_batch{batch}"] = _profile_decode(llm, batch, args.profile_context * 4, 4)
         return rec
 
     return run
@@ -767,6 +768,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap-throughput-s", type=float, default=120)
     ap.add_argument("--cap-fp8-s", type=float, default=90)
     ap.add_argument("--cap-hf-s", type=float, default=100)
+    ap.add_argument(
+        "--profile-batch", type=int, default=64, help="the larger profiled decode batch"
+    )
+    ap.add_argument(
+        "--profile-context",
+        type=int,
+        default=128,
+        help="prompt length of the batch-1 profiles (4x for the larger batch)",
+    )
     ap.add_argument("--skip", default="", help="comma-separated phases to skip")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
     args = ap.parse_args(argv)
@@ -775,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         args.num_requests, args.min_len, args.max_len = 6, 8, 40
         args.hf_requests, args.greedy_tokens = 4, 6
         args.max_num_batched_tokens = 256
+        args.profile_batch, args.profile_context = 4, 8
     skip = set(filter(None, args.skip.split(",")))
     tag = _device_tag(args.device)
     out = (
