@@ -163,12 +163,10 @@ class EngineCore:
     def _step_async(self) -> list[EngineCoreOutput]:
         """Launch the next step, then finish the one in flight: returns that one's
         outputs (the first call returns none)."""
-        outputs: list[EngineCoreOutput] = []
         prev = self._in_flight
         sched = self.scheduler.schedule()
         launched = self.runner.launch(sched, prev[1] if prev is not None else None)
-        if prev is not None:
-            outputs = self.scheduler.update(prev[0], self.runner.collect(prev[1]))
+        outputs = self._finish_in_flight()  # step n, while step n+1 runs
         self._in_flight = None if sched.is_empty else (sched, launched)
         if not sched.is_empty:
             self.steps += 1
