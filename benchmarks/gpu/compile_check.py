@@ -226,14 +226,10 @@ def make_step(
         lay = PackLayout(len(counts), len(counts), len(counts), graph_width)
     buf = torch.zeros(lay.size, dtype=torch.int64)
     qsl, seq_lens = plan.write(buf.numpy(), lay, block_size)
-    tables = buf[lay.table].view(torch.int32)[: lay.table_entries].view(lay.num_seqs, -1)
-    meta = AttentionMetadata(
-        slot_mapping=buf[lay.slots],
-        query_start_loc=buf[lay.query_start_loc],
-        query_start_loc_cpu=qsl,
-        seq_lens=buf[lay.seq_lens],
-        seq_lens_cpu=seq_lens,
-        block_tables=tables,
+    meta = lay.metadata(
+        buf,
+        qsl,
+        seq_lens,
         block_size=block_size,
         max_query_len=int(plan.count.max()),
         max_seq_len=max(seq_lens),

@@ -126,14 +126,10 @@ class DecodeGraphs:
         only the Triton backend, which reads none of them, runs under graphs."""
         lay = self.layout(size, 0)
         buf = self.inputs
-        tables = buf[lay.table].view(torch.int32)[: lay.table_entries].view(size, self.width)
-        meta = AttentionMetadata(
-            slot_mapping=buf[lay.slots],
-            query_start_loc=buf[lay.query_start_loc],
-            query_start_loc_cpu=list(range(size + 1)),
-            seq_lens=buf[lay.seq_lens],
-            seq_lens_cpu=[0] * size,
-            block_tables=tables,
+        meta = lay.metadata(
+            buf,
+            list(range(size + 1)),
+            [0] * size,
             block_size=self.block_size,
             max_query_len=1,
             max_seq_len=self.max_context,

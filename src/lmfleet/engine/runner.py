@@ -29,7 +29,6 @@ from lmfleet.engine.kv_sizing import (
     human_bytes,
     kv_budget_bytes,
 )
-from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import PendingSample, Sampler, SamplingBatch
 from lmfleet.engine.layers.triton_attention import (
@@ -422,14 +421,10 @@ class ModelRunner:
             return StepInputs(
                 dev[lay.ids], dev[lay.positions], None, dev[lay.sample_rows], graph_size
             )
-        tables = dev[lay.table].view(torch.int32)[: lay.table_entries].view(lay.num_seqs, -1)
-        meta = AttentionMetadata(
-            slot_mapping=dev[lay.slots],
-            query_start_loc=dev[lay.query_start_loc],
-            query_start_loc_cpu=qsl,
-            seq_lens=dev[lay.seq_lens],
-            seq_lens_cpu=seq_lens,
-            block_tables=tables,
+        meta = lay.metadata(
+            dev,
+            qsl,
+            seq_lens,
             block_size=self.block_size,
             max_query_len=int(step.count.max()),
             max_seq_len=max(seq_lens),

@@ -89,6 +89,31 @@ class PackLayout:
     def size(self) -> int:
         return self.fills.stop if self.num_fills else self.sample_rows.stop
 
+    def metadata(
+        self,
+        buf: torch.Tensor,
+        query_start_loc_cpu: list[int],
+        seq_lens_cpu: list[int],
+        *,
+        block_size: int,
+        max_query_len: int,
+        max_seq_len: int,
+    ) -> AttentionMetadata:
+        """The attention metadata of a step packed into ``buf`` (int64, this layout),
+        as views of it, with the host-side lists given."""
+        tables = buf[self.table].view(torch.int32)[: self.table_entries]
+        return AttentionMetadata(
+            slot_mapping=buf[self.slots],
+            query_start_loc=buf[self.query_start_loc],
+            query_start_loc_cpu=query_start_loc_cpu,
+            seq_lens=buf[self.seq_lens],
+            seq_lens_cpu=seq_lens_cpu,
+            block_tables=tables.view(self.num_seqs, self.width),
+            block_size=block_size,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+        )
+
 
 def pack_capacity(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
     """int64 slots the largest step can need (every sequence samples and takes a
