@@ -53,6 +53,7 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
     from lmfleet.engine.config import (
         ATTENTION_BACKENDS,
         KV_CACHE_DTYPES,
+        KV_CACHE_SCALES,
         QUANTIZATIONS,
         describe_choices,
     )
@@ -118,6 +119,14 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
         f"in --dtype). {describe_choices(KV_CACHE_DTYPES)} (default: %(default)s)",
     )
     g.add_argument(
+        "--kv-cache-scales",
+        default="auto",
+        choices=list(KV_CACHE_SCALES),
+        help="with --kv-cache-dtype fp8, where each layer's K and V scales come from "
+        "(a value is stored as value / scale). "
+        f"{describe_choices(KV_CACHE_SCALES)} (default: %(default)s)",
+    )
+    g.add_argument(
         "--enforce-eager",
         action="store_true",
         help="never capture CUDA graphs: every decode step launches its kernels one by "
@@ -168,6 +177,7 @@ def _engine_config(args: argparse.Namespace, model: str):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_scales=args.kv_cache_scales,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         async_scheduling=args.async_scheduling,

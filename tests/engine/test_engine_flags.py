@@ -18,13 +18,21 @@ def test_help_lists_and_explains_the_choices(capsys):
     assert "--quantization {none,int8,fp8}" in text
     assert "H100/H200-class GPU" in text and "works on CPU" in text
     assert "--kv-cache-dtype {auto,fp8}" in text
-    assert "auto: the model's --dtype" in text and "fp8: float8 e4m3 with scale 1.0" in text
+    assert "auto: the model's --dtype" in text and "fp8: float8 e4m3 with a per-layer" in text
+    assert "--kv-cache-scales {auto,calibrate,unit}" in text
+    assert "auto: the checkpoint's k_scale/v_scale tensors" in text
+    assert "calibrate: measure each layer's largest |K| and |V|" in text
     assert "twice the cached tokens" in text and "3 mantissa bits" in text
 
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--quantization", "int4"), ("--attention-backend", "flash"), ("--kv-cache-dtype", "fp4")],
+    [
+        ("--quantization", "int4"),
+        ("--attention-backend", "flash"),
+        ("--kv-cache-dtype", "fp4"),
+        ("--kv-cache-scales", "dynamic"),
+    ],
 )
 def test_bad_value_fails_before_loading(flag, value, capsys, monkeypatch):
     def must_not_load(args):
@@ -46,8 +54,12 @@ def test_flags_reach_the_engine_config():
     defaults = cli._engine_config(build_parser().parse_args(["generate", "--prompt", "hi"]), "m")
     assert (defaults.model.attention_backend, defaults.model.quantization) == ("auto", None)
     assert defaults.cache.kv_cache_dtype == "auto"
-    args = build_parser().parse_args(["generate", "--prompt", "hi", "--kv-cache-dtype", "fp8"])
-    assert cli._engine_config(args, "model-dir").cache.kv_cache_dtype == "fp8"
+    assert defaults.cache.kv_cache_scales == "auto"
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "hi", "--kv-cache-dtype", "fp8", "--kv-cache-scales", "unit"]
+    )
+    cache = cli._engine_config(args, "model-dir").cache
+    assert (cache.kv_cache_dtype, cache.kv_cache_scales) == ("fp8", "unit")
 
 
 def test_kv_cache_dtype_is_validated_by_the_config():

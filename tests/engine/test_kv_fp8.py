@@ -4,14 +4,19 @@ greedy tokens stay close to a full-precision cache.
 
 The tiny random model's logits are nearly flat (top-1 margin ~0.05 against a spread
 of ~0.2), so free-running greedy text diverges after the first near tie, and from
-then on every token differs. The bounds below were measured on it:
+then on every token differs. The bounds below were measured on it, with the
+default scales (calibrated at startup, ``lmfleet.engine.kv_scales``; scale 1.0 in
+brackets, which does as well here because this model's K/V are of order 1):
 
-- logits, teacher-forced over the same tokens: relative error 0.023 (fp32 model),
-  0.024 (bf16 model); the fp8 argmax matches at 17 of 17 positions (fp32) and 16 of
-  17 (bf16), and the mismatch is a near tie;
-- free-running greedy, 8 prompts x 8 tokens: 66% of positions agree (first
-  divergences at 8, 8, 8, 8, 8, 2, 0, 0 tokens; bf16 vs fp32 caches agree on 78%
-  over 24 tokens, fp8 vs fp32 on 51%).
+- logits, teacher-forced over the same tokens: relative error 0.018 (fp32 model;
+  0.023 with unit scales), 0.021 (bf16 model; 0.024); the fp8 argmax matches at 16
+  of 17 positions (fp32: 17 of 17 with unit scales; bf16: 16 of 17 either way), and
+  the mismatch is a near tie;
+- free-running greedy, 8 prompts x 8 tokens: 83% of positions agree (66% with unit
+  scales; bf16 vs fp32 caches agree on 78% over 24 tokens).
+
+``test_kv_scales.py`` shows where the scales matter: a model whose keys go beyond
+448 and values below 2^-6.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def test_fp8_generation_completes_and_greedy_mostly_agrees(engines) -> None:
     pairs = [(a, b) for ta, tb in zip(full, fp8, strict=True) for a, b in zip(ta, tb, strict=True)]
     agreement = sum(a == b for a, b in pairs) / len(pairs)
     print(f"fp8 vs fp32 KV cache: greedy agreement {agreement:.3f}")
-    assert agreement >= 0.5, agreement  # measured 0.656
+    assert agreement >= 0.5, agreement  # measured 0.828 (0.656 with unit scales)
 
 
 def _teacher_forced_logits(llm: LLM, tokens: list[int], n_prompt: int) -> torch.Tensor:
@@ -114,10 +119,10 @@ def test_fp8_logits_stay_close(engines, dtype: str) -> None:
     got = _teacher_forced_logits(fp8, tokens, len(prompt))
     rel = ((got - ref).norm() / ref.norm()).item()
     print(f"{dtype} model, fp8 vs {dtype} KV cache: logits relative error {rel:.4f}")
-    assert 1e-3 < rel < 5e-2, rel  # measured 0.023 (float32), 0.024 (bfloat16)
+    assert 1e-3 < rel < 5e-2, rel  # measured 0.018 (float32), 0.021 (bfloat16)
     want, pick = ref.argmax(-1), got.argmax(-1)
     print(f"teacher-forced argmax agreement {(want == pick).float().mean().item():.3f}")
-    assert (want == pick).float().mean() >= 0.85  # measured 1.0 (float32), 0.94 (bfloat16)
+    assert (want == pick).float().mean() >= 0.85  # measured 0.94 (both)
     max_err = (got - ref).abs().max()
     rows = torch.arange(len(ref))
     gaps = ref[rows, want] - ref[rows, pick]  # 0 where the argmax agrees

@@ -22,12 +22,20 @@ def test_help_lists_and_explains_the_choices(capsys):
     assert "--quantization {none,int8,fp8}" in text
     assert "H100/H200-class GPU" in text and "weight-only int8" in text
     assert "--kv-cache-dtype {auto,fp8}" in text
-    assert "auto: the model's --dtype" in text and "fp8: float8 e4m3 with scale 1.0" in text
+    assert "auto: the model's --dtype" in text and "fp8: float8 e4m3 with a per-layer" in text
+    assert "--kv-cache-scales {auto,calibrate,unit}" in text
+    assert "auto: the checkpoint's k_scale/v_scale tensors" in text
+    assert "calibrate: measure each layer's largest |K| and |V|" in text
 
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--quantization", "int4"), ("--attention-backend", "flash"), ("--kv-cache-dtype", "e5m2")],
+    [
+        ("--quantization", "int4"),
+        ("--attention-backend", "flash"),
+        ("--kv-cache-dtype", "e5m2"),
+        ("--kv-cache-scales", "dynamic"),
+    ],
 )
 def test_bad_value_fails_before_loading(flag, value, capsys, monkeypatch):
     import lmfleet.server.serve as serve
@@ -57,10 +65,13 @@ def test_flags_reach_the_engine_config(tmp_path):
 
 
 def test_kv_cache_dtype_reaches_the_engine_config(tmp_path):
-    args = build_parser().parse_args(["serve", str(tmp_path), "--kv-cache-dtype", "fp8"])
+    args = build_parser().parse_args(
+        ["serve", str(tmp_path), "--kv-cache-dtype", "fp8", "--kv-cache-scales", "calibrate"]
+    )
     s = ServerSettings.from_args(args)
-    assert s.kv_cache_dtype == "fp8"
-    assert s.engine_config().cache.kv_cache_dtype == "fp8"
+    assert (s.kv_cache_dtype, s.kv_cache_scales) == ("fp8", "calibrate")
+    cache = s.engine_config().cache
+    assert (cache.kv_cache_dtype, cache.kv_cache_scales) == ("fp8", "calibrate")
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         ServerSettings(model=str(tmp_path), device="cpu", kv_cache_dtype="int8").engine_config()
 

@@ -35,12 +35,22 @@ QUANTIZATIONS: dict[str, str] = {
 #: KV cache storage dtypes (vLLM's ``--kv-cache-dtype`` names) and their trade-offs
 KV_CACHE_DTYPES: dict[str, str] = {
     "auto": "the model's --dtype (no rounding of K/V)",
-    "fp8": "float8 e4m3 with scale 1.0, values saturated at +-448: half the KV bytes of "
-    "bf16 (a quarter of fp32), so twice the cached tokens in the same memory and half "
-    "the bytes decode attention reads; each K/V element keeps 3 mantissa bits (rounding "
-    "error up to 1/16 of its value; magnitudes below 2^-6 lose more), so logits drift slightly and greedy tokens can "
-    "differ after a near tie; the Triton kernels need compute capability 8.9+ "
-    "(H100/H200), the torch backend runs anywhere",
+    "fp8": "float8 e4m3 with a per-layer scale for K and one for V (--kv-cache-scales), "
+    "values saturated at +-448 times the scale: half the KV bytes of bf16 (a quarter of "
+    "fp32), so twice the cached tokens in the same memory and half the bytes decode "
+    "attention reads; each K/V element keeps 3 mantissa bits (rounding error up to 1/16 "
+    "of its value; magnitudes below 2^-6 times the scale lose more), so logits drift "
+    "slightly and greedy tokens can differ after a near tie; the Triton kernels need "
+    "compute capability 8.9+ (H100/H200), the torch backend runs anywhere",
+}
+#: where an fp8 KV cache's per-layer K and V scales come from
+KV_CACHE_SCALES: dict[str, str] = {
+    "auto": "the checkpoint's k_scale/v_scale tensors when it has them (as fp8-KV "
+    "checkpoints from llm-compressor or ModelOpt do), else calibrate",
+    "calibrate": "measure each layer's largest |K| and |V| over a built-in text at "
+    "startup (one prefill, before CUDA graphs are captured) and scale them to about "
+    "half of fp8's range (K) and a quarter (V), leaving room for larger values later",
+    "unit": "scale 1.0 everywhere (values beyond +-448 saturate, below 2^-9 flush to zero)",
 }
 #: what the KV budget leaves free on an accelerator beyond the profiled peak: CUDA
 #: graphs and the caching allocator's fragmentation are not in that peak
@@ -137,14 +147,21 @@ class CacheConfig:
     num_blocks_override: int | None = None
     #: accelerator memory kept out of the KV budget for CUDA graphs and fragmentation
     memory_reserve_bytes: int = DEFAULT_MEMORY_RESERVE_BYTES
-    #: KV cache storage: "auto" (the model dtype) or "fp8" (float8 e4m3, scale 1.0)
+    #: KV cache storage: "auto" (the model dtype) or "fp8" (float8 e4m3)
     kv_cache_dtype: str = "auto"
+    #: an fp8 cache's per-layer scales: "auto", "calibrate" or "unit" (KV_CACHE_SCALES)
+    kv_cache_scales: str = "auto"
 
     def __post_init__(self) -> None:
         _check(
             self.kv_cache_dtype in KV_CACHE_DTYPES,
             "kv_cache_dtype",
             f"must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {self.kv_cache_dtype!r}",
+        )
+        _check(
+            self.kv_cache_scales in KV_CACHE_SCALES,
+            "kv_cache_scales",
+            f"must be one of {', '.join(map(repr, KV_CACHE_SCALES))}, got {self.kv_cache_scales!r}",
         )
         _check(
             self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,

@@ -22,6 +22,13 @@ import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from lmfleet.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from lmfleet.engine.kv_scales import (
+    CALIBRATION_RANDOM_TOKENS,
+    CALIBRATION_TEXT,
+    AmaxObserver,
+    KVScales,
+    scales_from_amax,
+)
 from lmfleet.engine.kv_sizing import (
     CudaMemoryProbe,
     KVSizing,
@@ -131,25 +138,101 @@ class ModelRunner:
                 torch.cuda.empty_cache()  # freed full-precision weights count as free memory
         self.arch = loaded.arch
         self.block_size = cache_config.block_size
-        self.sampler = Sampler(seed=model_config.seed, device=self.device)
         self.kv_caches: list[torch.Tensor] = []
+        self._staging: StagingBuffer | None = None
+        #: decode CUDA graphs over the current KV cache (None: every step eager)
+        self.graphs: DecodeGraphs | None = None
+        self.sampler = Sampler(seed=model_config.seed, device=self.device)
         self.layout: KVCacheLayout | None = None
         #: how the KV budget was derived, when it was profiled (accelerators only)
         self.kv_sizing: KVSizing | None = None
         if memory_probe is None and self.device.type == "cuda":
             memory_probe = CudaMemoryProbe(self.device)
         self.memory_probe = memory_probe
-        self._staging: StagingBuffer | None = None
-        #: decode CUDA graphs over the current KV cache (None: every step eager)
-        self.graphs: DecodeGraphs | None = None
         self._generators: dict[str, torch.Generator] = {}
         self.asleep = False
+        #: each layer's fp8 KV scales (all 1.0 for a cache in the model dtype)
+        self.kv_scales = self._resolve_kv_scales(loaded.kv_scales)
+        self.model.set_kv_scales(self.kv_scales.k, self.kv_scales.v)
 
     @property
     def max_seq_len(self) -> int:
         """The longest sequence a step may hold (the rotary tables' length bounds it)."""
         limit = self.arch.max_position_embeddings
         return min(self.model_config.max_model_len or limit, limit)
+
+    # ---- fp8 KV scales --------------------------------------------------------------
+    def _resolve_kv_scales(self, checkpoint: KVScales | None) -> KVScales:
+        """The scales ``--kv-cache-scales`` asks for (see :mod:`lmfleet.engine.kv_scales`)."""
+        num_layers = self.arch.num_hidden_layers
+        cfg = self.cache_config
+        if cfg.kv_cache_dtype != "fp8":
+            if checkpoint is not None:
+                logger.info(
+                    "the checkpoint's fp8 KV scales go unused: the KV cache is %s", self.kv_dtype
+                )
+            return KVScales.unit(num_layers)
+        if cfg.kv_cache_scales == "unit":
+            scales = KVScales.unit(num_layers)
+        elif cfg.kv_cache_scales == "auto" and checkpoint is not None:
+            scales = checkpoint
+        else:
+            scales = self.calibrate_kv_scales(self._calibration_tokens())
+        logger.info("fp8 KV cache scales, %s", scales.describe())
+        return scales
+
+    def _calibration_tokens(self) -> list[int]:
+        """:data:`CALIBRATION_TEXT` in the model's tokenizer, cut to one step's budget.
+        A model directory without a tokenizer gets :data:`CALIBRATION_RANDOM_TOKENS`
+        token ids drawn with a fixed seed instead (and a warning)."""
+        from pathlib import Path
+
+        from lmfleet.engine.tokenizer import Tokenizer
+
+        limit = min(self.scheduler_config.max_num_batched_tokens, self.max_seq_len)
+        if (Path(self.model_dir) / "tokenizer.json").exists():
+            return Tokenizer.from_dir(self.model_dir).encode(CALIBRATION_TEXT)[:limit]
+        logger.warning(
+            "%s has no tokenizer.json: calibrating the fp8 KV scales on random token ids, "
+            "which may miss the ranges real text produces (--kv-cache-scales unit keeps "
+            "scale 1.0)",
+            self.model_dir,
+        )
+        gen = torch.Generator().manual_seed(0)
+        count = min(CALIBRATION_RANDOM_TOKENS, limit)
+        return torch.randint(0, self.arch.vocab_size, (count,), generator=gen).tolist()
+
+    @torch.inference_mode()
+    def calibrate_kv_scales(self, token_ids: list[int]) -> KVScales:
+        """Scales from one prefill of ``token_ids`` over a scratch cache in the model
+        dtype (so no layer sees another's fp8 rounding): each layer's largest |K| and
+        |V|, through :func:`~lmfleet.engine.kv_scales.scales_from_amax`."""
+        if not token_ids:
+            raise ValueError("calibrating KV scales needs at least one token")
+        num_tokens = len(token_ids)
+        blocks = -(-num_tokens // self.block_size)
+        request = Request("kv-scale-calibration", list(token_ids), SamplingParams(max_tokens=1))
+        sched = SchedulerOutput(
+            scheduled=[ScheduledRequest(request, num_tokens, list(range(blocks)))],
+            num_batched_tokens=num_tokens,
+        )
+        attns = [layer.self_attn for layer in self.model.model.layers]
+        saved = [(a.attn_fn, a.k_scale, a.v_scale) for a in attns]
+        observers = [AmaxObserver(a.attn_fn) for a in attns]
+        saved_caches, saved_graphs = self.kv_caches, self.graphs
+        self.kv_caches = self._new_kv_caches(blocks, torch.zeros, dtype=self.dtype)
+        self.graphs = None
+        try:
+            for attn, observer in zip(attns, observers, strict=True):
+                attn.attn_fn, attn.k_scale, attn.v_scale = observer, 1.0, 1.0
+            step = self._prepare(sched)
+            self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+        finally:
+            for attn, (fn, k_scale, v_scale) in zip(attns, saved, strict=True):
+                attn.attn_fn, attn.k_scale, attn.v_scale = fn, k_scale, v_scale
+            self.kv_caches, self.graphs = saved_caches, saved_graphs
+        amax = [observer.result() for observer in observers]
+        return scales_from_amax([k for k, _ in amax], [v for _, v in amax], num_tokens)
 
     # ---- KV cache ------------------------------------------------------------------
     def plan_kv_cache(self) -> KVCacheLayout:
@@ -247,12 +330,15 @@ class ModelRunner:
         return max(peak - baseline, 0)
 
     def _new_kv_caches(
-        self, num_blocks: int, factory: Callable[..., torch.Tensor] = torch.empty
+        self,
+        num_blocks: int,
+        factory: Callable[..., torch.Tensor] = torch.empty,
+        dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
         arch = self.arch
         shape = (2, num_blocks, self.block_size, arch.num_key_value_heads, arch.head_dim)
         return [
-            factory(shape, dtype=self.kv_dtype, device=self.device)
+            factory(shape, dtype=dtype or self.kv_dtype, device=self.device)
             for _ in range(arch.num_hidden_layers)
         ]
 

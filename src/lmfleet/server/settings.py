@@ -52,6 +52,8 @@ class ServerSettings:
     quantization: str | None = None
     #: KV cache storage: "auto" (the model dtype) or "fp8" (float8 e4m3)
     kv_cache_dtype: str = "auto"
+    #: an fp8 cache's per-layer scales: "auto", "calibrate" or "unit"
+    kv_cache_scales: str = "auto"
     #: no CUDA graphs for decode steps
     enforce_eager: bool = False
     #: decode steps with longer contexts than this run eagerly
@@ -137,6 +139,7 @@ class ServerSettings:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enable_prefix_caching": self.enable_prefix_caching,
             "kv_cache_dtype": self.kv_cache_dtype,
+            "kv_cache_scales": self.kv_cache_scales,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "async_scheduling": self.async_scheduling,

@@ -42,12 +42,23 @@ class _World:
         num_blocks: int = 64,
         seed: int = 0,
         kv_dtype: torch.dtype = torch.float32,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
+        kv_mult: tuple[float, float] = (1.0, 1.0),
+        q_mult: float = 1.0,
     ) -> None:
         self.layout = BlockLayout(num_blocks, block_size, seed=seed)
         shape = (2, num_blocks, block_size, N_KV, HEAD_DIM)
         self.cache = torch.full(shape, float("nan"), dtype=kv_dtype)
-        #: the reference attends over K/V as the cache stores them
-        self.stored = (lambda x: to_fp8(x).float()) if kv_dtype == FP8_KV_DTYPE else (lambda x: x)
+        self.kv_scales = kv_scales
+        #: Q, K and V are drawn as randn times these
+        self.kv_mult, self.q_mult = kv_mult, q_mult
+        #: the reference attends over K/V as the cache stores them: the values the
+        #: rounded fp8 bytes stand for
+        self.stored_k, self.stored_v = (
+            [(lambda x, s=s: to_fp8(x, s).float() * s) for s in kv_scales]
+            if kv_dtype == FP8_KV_DTYPE
+            else [lambda x: x, lambda x: x]
+        )
         self.outputs: list[torch.Tensor] = []
         self.gen = torch.Generator().manual_seed(seed)
         self.keys: dict[int, torch.Tensor] = {}
@@ -61,15 +72,16 @@ class _World:
         for seq, n in entries:
             done = self.done.get(seq, 0)
             steps.append((seq, n, done + n))
-            qs.append(torch.randn(n, N_HEADS, HEAD_DIM, generator=self.gen))
-            ks.append(torch.randn(n, N_KV, HEAD_DIM, generator=self.gen))
-            vs.append(torch.randn(n, N_KV, HEAD_DIM, generator=self.gen))
-            self.keys[seq] = torch.cat([self.keys.get(seq, ks[-1][:0]), self.stored(ks[-1])])
-            self.values[seq] = torch.cat([self.values.get(seq, vs[-1][:0]), self.stored(vs[-1])])
+            qs.append(torch.randn(n, N_HEADS, HEAD_DIM, generator=self.gen) * self.q_mult)
+            ks.append(torch.randn(n, N_KV, HEAD_DIM, generator=self.gen) * self.kv_mult[0])
+            vs.append(torch.randn(n, N_KV, HEAD_DIM, generator=self.gen) * self.kv_mult[1])
+            self.keys[seq] = torch.cat([self.keys.get(seq, ks[-1][:0]), self.stored_k(ks[-1])])
+            self.values[seq] = torch.cat([self.values.get(seq, vs[-1][:0]), self.stored_v(vs[-1])])
             self.done[seq] = done + n
         meta = self.layout.metadata(steps)
+        q = torch.cat(qs)
         out = paged_attention(
-            torch.cat(qs), torch.cat(ks), torch.cat(vs), self.cache, meta, HEAD_DIM**-0.5
+            q, torch.cat(ks), torch.cat(vs), self.cache, meta, HEAD_DIM**-0.5, *self.kv_scales
         )
         self.outputs.append(out)
         offset = 0
@@ -154,6 +166,68 @@ def test_fp8_cache_is_exact_over_rounded_kv_and_close_to_full_precision(
     assert fp8.cache.dtype == torch.float8_e4m3fn
     bf16_bytes = fp8.cache.numel() * torch.bfloat16.itemsize
     assert fp8.cache.nbytes * 2 == bf16_bytes and full.cache.nbytes == 4 * fp8.cache.nbytes
+
+
+@pytest.mark.parametrize("min_batched", [2, 10**9])
+def test_fp8_scales_keep_large_and_small_values(
+    min_batched: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of about +-500 (a third beyond fp8's 448; queries 1/500 as large, so the
+    scores are ordinary) and values of about 1e-3 (fp8 subnormals): with scale 1.0 the
+    keys saturate and the values lose their mantissa, so attention is far off; with
+    scales that bring both into range it is as close as for unit values (0.033, see
+    above). Every step is still exact against dense attention over what the cache
+    stands for (``stored * scale``)."""
+    monkeypatch.setattr(attention, "BATCHED_DECODE_MIN_SEQS", min_batched)
+    mult, q_mult = (500.0, 1e-3), 1 / 500
+    full = _mixed_steps(_World(block_size=4, kv_mult=mult, q_mult=q_mult))
+    errors = {}
+    for scales in ((1.0, 1.0), (8.0, 1e-5)):
+        world = _World(
+            block_size=4, kv_dtype=FP8_KV_DTYPE, kv_scales=scales, kv_mult=mult, q_mult=q_mult
+        )
+        out = _mixed_steps(world)
+        errors[scales] = ((out - full).norm() / full.norm()).item()
+    print(errors)
+    assert errors[1.0, 1.0] > 0.3, errors  # measured 0.58
+    assert errors[8.0, 1e-5] < 5e-2, errors  # measured 0.031
+
+
+def test_fp8_scaled_write_stores_the_scaled_cast() -> None:
+    """The stored bytes are those of ``fp8(clamp(x * fp32(1 / scale)))``."""
+    cache = torch.zeros(2, 4, 2, 1, 3, dtype=torch.float8_e4m3fn)
+    k = torch.tensor([[3000.0, -3000.0, 0.3]]).view(1, 1, 3)
+    v = torch.tensor([[1e-4, -2e-3, 5.0]]).view(1, 1, 3)
+    write_kv(k, v, cache, torch.tensor([2]), 10.0, 0.01)
+    flat = cache.view(2, 8, 1, 3).float()
+    assert flat[0, 2].flatten().tolist() == [
+        288.0,
+        -288.0,
+        torch.tensor(0.03).to(FP8_KV_DTYPE).item(),
+    ]
+    assert flat[1, 2].flatten().tolist() == [
+        torch.tensor(0.01).to(FP8_KV_DTYPE).item(),
+        -0.203125,
+        448.0,  # 500 saturates
+    ]
+    assert (
+        to_fp8(k, 10.0).view(torch.uint8).tolist()
+        == flat[0, 2].to(FP8_KV_DTYPE).view(torch.uint8).view(1, 1, 3).tolist()
+    )
+
+
+def test_kv_scales_are_checked() -> None:
+    fp8 = torch.zeros(2, 4, 2, 1, 3, dtype=torch.float8_e4m3fn)
+    full = torch.zeros(2, 4, 2, 1, 3)
+    k = torch.ones(1, 1, 3)
+    slots = torch.tensor([0])
+    with pytest.raises(ValueError, match=r"v_scale must be finite and > 0, got 0\.0"):
+        write_kv(k, k, fp8, slots, 1.0, 0.0)
+    with pytest.raises(ValueError, match="k_scale must be finite and > 0, got nan"):
+        write_kv(k, k, fp8, slots, float("nan"), 1.0)
+    with pytest.raises(ValueError, match="KV scales apply to an fp8 cache only"):
+        write_kv(k, k, full, slots, 2.0, 1.0)
+    write_kv(k, k, full, slots)  # a full-precision cache with unit scales is fine
 
 
 def test_fp8_write_saturates_and_rounds_like_a_cast() -> None:

@@ -47,8 +47,13 @@ class _Twin:
         num_blocks: int = 48,
         seed: int = 0,
         kv_dtype: torch.dtype | None = None,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
+        mult: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ) -> None:
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.kv_scales = kv_scales
+        #: Q, K and V are drawn as randn times these
+        self.mult = mult
         self.dtype, self.device = dtype, device
         self.layout = BlockLayout(num_blocks, block_size, seed=seed)
         shape = (2, num_blocks, block_size, n_kv, head_dim)
@@ -68,15 +73,19 @@ class _Twin:
         total = sum(n for _, n in entries)
         meta = self.layout.metadata(steps)
 
-        def rand(h: int) -> torch.Tensor:
-            return torch.randn(total, h, self.head_dim, generator=self.gen).to(self.dtype)
+        def rand(h: int, mult: float) -> torch.Tensor:
+            x = torch.randn(total, h, self.head_dim, generator=self.gen) * mult
+            return x.to(self.dtype)
 
-        q, k, v = rand(self.n_heads), rand(self.n_kv), rand(self.n_kv)
+        q_mult, k_mult, v_mult = self.mult
+        q, k, v = rand(self.n_heads, q_mult), rand(self.n_kv, k_mult), rand(self.n_kv, v_mult)
         scale = self.head_dim**-0.5
-        ref = paged_attention(q, k, v, self.ref_cache, meta, scale)
+        ref = paged_attention(q, k, v, self.ref_cache, meta, scale, *self.kv_scales)
         dev_meta = _to_device(meta, self.device)
         d = self.device
-        out = triton_paged_attention(q.to(d), k.to(d), v.to(d), self.cache, dev_meta, scale)
+        out = triton_paged_attention(
+            q.to(d), k.to(d), v.to(d), self.cache, dev_meta, scale, *self.kv_scales
+        )
         assert out.shape == ref.shape and out.dtype == ref.dtype
         assert not out.isnan().any()
         # the written slots agree bit for bit; the rest stays poisoned
@@ -193,6 +202,26 @@ def test_fp8_cache_matches_reference(dtype: torch.dtype) -> None:
     errs = _scenario(twin)
     assert max(errs) < TOL[dtype], errs
     assert twin.cache.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_with_scales_matches_reference(dtype: torch.dtype) -> None:
+    """Keys of about +-600 and values of about 1e-3 stored with scales 4.0 and 2e-5:
+    the kernels store the reference's bytes (the same fp32 multiply by the inverse
+    scale) and fold the scales into the softmax scale and the output, as close to the
+    reference as with unit scales. Covers prefill, chunks, mixed and decode steps."""
+    twin = _Twin(
+        n_heads=8,
+        n_kv=2,
+        head_dim=32,
+        block_size=16,
+        dtype=dtype,
+        kv_dtype=torch.float8_e4m3fn,
+        kv_scales=(4.0, 2e-5),
+        mult=(1 / 600, 600.0, 1e-3),
+    )
+    errs = _scenario(twin)
+    assert max(errs) < TOL[dtype], errs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -50,6 +50,7 @@ class _Case:
     ref: torch.Tensor  # (B, n_heads, hd) reference output, zeros on padding rows
     live: list[int]  # rows with seq_len > 0
     scale: float
+    kv_scales: tuple[float, float] = (1.0, 1.0)  # the fp8 cache's k_scale, v_scale
 
 
 def _decode_case(
@@ -63,6 +64,7 @@ def _decode_case(
     cache_dtype: torch.dtype | None = None,
     device: str = DEVICE,
     seed: int = 0,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> _Case:
     """A decode step over a shuffled, NaN-poisoned paged cache.
 
@@ -70,7 +72,10 @@ def _decode_case(
     row, whose block table points at a poisoned block). The reference writes the
     context and then runs the step through ``paged_attention`` on a ``dtype`` cache;
     the kernel reads a copy of that cache converted to ``cache_dtype``. For fp8 the
-    K/V values are fp8-representable, so the reference sees the dequantized cache.
+    K/V values are fp8-representable, so the reference sees the dequantized cache;
+    with ``kv_scales`` the kernel's cache stands for K and V times those, which the
+    reference gets by scaling the softmax scale by ``k_scale`` and its output by
+    ``v_scale``.
     """
     cache_dtype = cache_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
@@ -99,7 +104,9 @@ def _decode_case(
     ref = torch.zeros_like(q)
     if live:
         live_meta = layout.metadata([(i, 1, seq_lens[i]) for i in live])
-        ref[live] = paged_attention(q[live], k_new, v_new, ref_cache, live_meta, scale)
+        k_scale, v_scale = kv_scales
+        out = paged_attention(q[live], k_new, v_new, ref_cache, live_meta, scale * k_scale)
+        ref[live] = (out.double() * v_scale).to(dtype)
 
     meta = layout.metadata([(i, 1 if n else 0, n) for i, n in enumerate(seq_lens)])
     poisoned = layout.free[0]  # never handed out
@@ -107,11 +114,14 @@ def _decode_case(
         if n == 0:
             meta.block_tables[i] = poisoned
     cache = ref_cache.to(cache_dtype).to(device)
-    return _Case(q.to(device), cache, _to_device(meta, device), ref, live, scale)
+    return _Case(q.to(device), cache, _to_device(meta, device), ref, live, scale, kv_scales)
 
 
 def _run(case: _Case, num_splits: int | None) -> torch.Tensor:
-    out = triton_decode_attention(case.q, case.cache, case.meta, case.scale, num_splits)
+    k_scale, v_scale = case.kv_scales
+    out = triton_decode_attention(
+        case.q, case.cache, case.meta, case.scale, num_splits, k_scale=k_scale, v_scale=v_scale
+    )
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
     assert out.isfinite().all()
     return out.cpu()
@@ -219,6 +229,23 @@ def test_fp8_cache(dtype: torch.dtype, num_splits: int) -> None:
     )
     assert case.cache.dtype == FP8
     _check(case, _run(case, num_splits), TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_cache_with_scales(num_splits: int) -> None:
+    """k_scale folds into the softmax scale, v_scale into the output: in the split
+    kernel's own normalisation (one split) and in the combine kernel (three)."""
+    case = _decode_case(
+        seq_lens=[1, 0, 2, 45, 129],
+        dtype=torch.bfloat16,
+        cache_dtype=FP8,
+        seed=6,
+        block_size=32,
+        kv_scales=(0.375, 3.0),
+    )
+    _check(case, _run(case, num_splits), TOL[torch.bfloat16])
+    unscaled = _run(replace(case, kv_scales=(1.0, 1.0)), num_splits)
+    assert _rel_err(unscaled[case.live], case.ref[case.live]) > 0.5  # the scales matter
 
 
 def test_rejects_bad_inputs() -> None:

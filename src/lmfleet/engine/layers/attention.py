@@ -12,9 +12,14 @@ backend (Triton kernels) can replace it behind the same signature. It knows noth
 about models, block allocation or scheduling.
 
 The cache may be stored in float8 e4m3 (``--kv-cache-dtype fp8``) while queries stay
-in the model dtype: K/V are saturated to +-448 and rounded on write (scale 1.0), and
-read back as the query dtype before the attention math. Every read goes through that
-rounding, including a prefill's own new keys, so all backends see the same values.
+in the model dtype. Each layer has two per-tensor scales, ``k_scale`` and ``v_scale``
+(1.0 unless the checkpoint or a calibration gives others, see
+:mod:`lmfleet.engine.kv_scales`): a key is stored as ``fp8(clamp(k / k_scale, +-448))``
+and stands for ``stored * k_scale``. Every read goes through that rounding, including
+a prefill's own new keys, so all backends see the same values. This reference
+dequantizes explicitly (``(stored * scale).to(q.dtype)``); the Triton kernels fold the
+scales into the softmax scale and the output instead, the same values up to rounding.
+Caches in the model dtype take no scales (both must be 1.0).
 """
 
 from __future__ import annotations
@@ -49,22 +54,59 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype == FP8_KV_DTYPE
 
 
-def to_fp8(x: torch.Tensor) -> torch.Tensor:
-    """Saturating cast to the fp8 KV format (scale 1.0); NaN stays NaN."""
+def inverse_scale(scale: float) -> float:
+    """``1 / scale`` rounded to fp32: what an fp8 write multiplies by. Every backend
+    multiplies by this same fp32 number, so they store the same bytes."""
+    return torch.tensor(1.0 / scale, dtype=torch.float32).item()
+
+
+def to_fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Saturating cast of ``x / scale`` to the fp8 KV format; NaN stays NaN. The
+    quotient is ``x * inverse_scale(scale)`` in fp32 (nothing for ``scale == 1.0``:
+    bf16 inputs round straight to fp8)."""
+    if scale != 1.0:
+        x = x.float() * inverse_scale(scale)
     return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
 
 
+def from_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The values fp8 ``x`` stands for, ``x * scale``, rounded once to ``dtype``."""
+    if scale == 1.0:
+        return x.to(dtype)  # e4m3 values are exact in every float dtype
+    return (x.float() * scale).to(dtype)
+
+
+def check_kv_scales(kv_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Scales must be finite and positive, and 1.0 for a cache that is not fp8."""
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (0.0 < value < float("inf")):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if not is_fp8(kv_cache.dtype) and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError(
+            f"KV scales apply to an fp8 cache only; a {kv_cache.dtype} cache got "
+            f"k_scale={k_scale}, v_scale={v_scale}"
+        )
+
+
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Store ``k``/``v`` (T, n_kv, hd) at flat slots ``slot_mapping`` (T,) of
-    ``kv_cache`` (2, num_blocks, block_size, n_kv, hd), rounding to an fp8 cache."""
+    ``kv_cache`` (2, num_blocks, block_size, n_kv, hd); an fp8 cache stores
+    ``to_fp8(k, k_scale)`` and ``to_fp8(v, v_scale)``."""
+    check_kv_scales(kv_cache, k_scale, v_scale)
     n_kv, head_dim = kv_cache.shape[-2:]
     if is_fp8(kv_cache.dtype):
         # index_copy_ has no float8 kernel on CPU: copy the bytes through uint8 views
         kv_u8 = kv_cache.view(torch.uint8)
-        kv_u8[0].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, to_fp8(k).view(torch.uint8))
-        kv_u8[1].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, to_fp8(v).view(torch.uint8))
+        k8, v8 = to_fp8(k, k_scale).view(torch.uint8), to_fp8(v, v_scale).view(torch.uint8)
+        kv_u8[0].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, k8)
+        kv_u8[1].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, v8)
         return
     kv_cache[0].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, n_kv, head_dim).index_copy_(0, slot_mapping, v)
@@ -77,14 +119,18 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Write ``k``/``v`` into ``kv_cache`` and attend; returns (T, n_heads, hd).
 
     ``q`` is (T, n_heads, hd), ``k`` and ``v`` (T, n_kv, hd) with ``n_heads`` a
     multiple of ``n_kv`` (grouped-query attention). ``kv_cache`` is one layer's
     (2, num_blocks, block_size, n_kv, hd) cache and is updated in place.
+    ``k_scale``/``v_scale`` are an fp8 cache's per-tensor scales (module docstring).
     """
-    write_kv(k, v, kv_cache, meta.slot_mapping)
+    write_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+    scales = (k_scale, v_scale)
     out = torch.empty_like(q)  # (T, n_heads, hd)
     qsl = meta.query_start_loc_cpu
     q_lens = [qsl[i + 1] - qsl[i] for i in range(meta.num_seqs)]
@@ -97,7 +143,7 @@ def paged_attention(
             continue
         start, end = qsl[i], qsl[i + 1]
         out[start:end] = _attend_one(
-            q[start:end], k[start:end], v[start:end], kv_cache, meta, i, scale
+            q[start:end], k[start:end], v[start:end], kv_cache, meta, i, scale, scales
         )
     if decodes:
         if len(decodes) == meta.num_seqs and q.shape[0] == meta.num_seqs:
@@ -111,6 +157,7 @@ def paged_attention(
                     meta.max_seq_len,
                     meta.block_size,
                     scale,
+                    scales,
                 )
             )
         else:
@@ -125,6 +172,7 @@ def paged_attention(
                 max_len,
                 meta.block_size,
                 scale,
+                scales,
             )
             out.index_copy_(0, tok_idx, dec_out)
     return out
@@ -138,6 +186,7 @@ def _attend_one(
     meta: AttentionMetadata,
     i: int,
     scale: float,
+    kv_scales: tuple[float, float],
 ) -> torch.Tensor:
     """Attention for sequence ``i``'s ``q`` (L, n_heads, hd); returns (L, n_heads, hd)."""
     q_len = q.shape[0]
@@ -148,13 +197,16 @@ def _attend_one(
         # the whole context is new: use it directly, no need to read the cache back
         keys, values = k_new, v_new  # (S, n_kv, hd)
         if fp8:  # ... but as rounded into the cache, like every later read of it
-            keys, values = to_fp8(keys), to_fp8(values)
+            keys, values = to_fp8(keys, kv_scales[0]), to_fp8(values, kv_scales[1])
     else:
         num_blocks = -(-seq_len // meta.block_size)
         blocks = meta.block_tables[i, :num_blocks].long()  # (nb,)
         kv = kv_cache[:, blocks].view(2, num_blocks * meta.block_size, n_kv, head_dim)
         keys, values = kv[0, :seq_len], kv[1, :seq_len]  # (S, n_kv, hd)
-    if keys.dtype != q.dtype:
+    if fp8:
+        keys = from_fp8(keys, kv_scales[0], q.dtype)
+        values = from_fp8(values, kv_scales[1], q.dtype)
+    elif keys.dtype != q.dtype:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     qh = q.transpose(0, 1)  # (n_heads, L, hd)
     kh = keys.transpose(0, 1)  # (n_kv, S, hd)
@@ -178,6 +230,7 @@ def _attend_decode_batched(
     max_seq_len: int,
     block_size: int,
     scale: float,
+    kv_scales: tuple[float, float],
 ) -> torch.Tensor:
     """One query per sequence: ``q`` (B, n_heads, hd) over each sequence's whole
     context, gathered token by token through the padded ``block_tables``
@@ -203,7 +256,11 @@ def _attend_decode_batched(
     for start in range(0, batch, step):
         end = min(start + step, batch)
         kv = flat.index_select(1, slots[start:end].reshape(-1))  # (2, b * S, n_kv, hd)
-        if kv.dtype != q.dtype:
+        if kv_scales != (1.0, 1.0):
+            kv = torch.stack(
+                (from_fp8(kv[0], kv_scales[0], q.dtype), from_fp8(kv[1], kv_scales[1], q.dtype))
+            )
+        elif kv.dtype != q.dtype:
             kv = kv.to(q.dtype)
         kv = kv.view(2, end - start, span, n_kv, head_dim).transpose(2, 3)  # (2, b, n_kv, S, hd)
         out[start:end] = F.scaled_dot_product_attention(

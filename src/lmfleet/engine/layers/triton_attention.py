@@ -17,10 +17,12 @@ whole context, reading K/V in place through the block table. Two launches per la
   that needs no host-side bookkeeping; each program finds its sequence by binary
   search, and programs past a sequence's last query block return at once.
 
-With a float8 e4m3 cache (``--kv-cache-dtype fp8``) the write kernel saturates K/V
-to +-448 and rounds them on store (scale 1.0); the attention kernel loads fp8 tiles,
-converts them to the query dtype before the products and rounds P to the query
-dtype. The compiled kernels need compute capability 8.9+ for fp8.
+With a float8 e4m3 cache (``--kv-cache-dtype fp8``) the write kernel multiplies K/V
+by the fp32 inverse of the layer's ``k_scale``/``v_scale``, saturates them to +-448
+and rounds them on store; the attention kernel loads fp8 tiles, converts them to the
+query dtype before the products and rounds P to the query dtype. The scales cost
+nothing there: ``k_scale`` is folded into the softmax scale and ``v_scale`` into the
+final normalisation. The compiled kernels need compute capability 8.9+ for fp8.
 
 Triton is imported lazily: this module imports without it (CPU CI), and the
 functions raise :class:`TritonUnavailable` only when called. With
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lmfleet.engine.layers.attention import FP8_KV_MAX, is_fp8
+from lmfleet.engine.layers.attention import FP8_KV_MAX, check_kv_scales, inverse_scale, is_fp8
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 
 #: the softmax runs in base 2: exp(x) = exp2(x * log2(e))
@@ -91,6 +93,8 @@ def _kernels() -> dict[str, Any]:
         v_ptr,
         cache_ptr,
         slot_ptr,
+        k_inv_scale,  # fp32 1 / k_scale (fp8 caches only)
+        v_inv_scale,
         stride_kt,
         stride_kh,
         stride_vt,
@@ -119,9 +123,11 @@ def _kernels() -> dict[str, Any]:
                 # drops the bits below that spacing. The cast that follows is then exact,
                 # so every backend stores the bytes of torch's cast; the interpreter's own
                 # fp8 cast truncates subnormals and rounds ties away from zero.
-                k = tl.maximum(k.to(tl.float32), -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                k = k.to(tl.float32) * k_inv_scale  # exact when the scale is 1.0
+                v = v.to(tl.float32) * v_inv_scale
+                k = tl.maximum(k, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
                 k = tl.minimum(k, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-                v = tl.maximum(v.to(tl.float32), -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+                v = tl.maximum(v, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
                 v = tl.minimum(v, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
                 k_bits = k.to(tl.int32, bitcast=True)
                 v_bits = v.to(tl.int32, bitcast=True)
@@ -148,7 +154,8 @@ def _kernels() -> dict[str, Any]:
         block_tables_ptr,
         seq_lens_ptr,
         query_start_loc_ptr,
-        qk_scale,  # softmax scale * log2(e)
+        qk_scale,  # softmax scale * log2(e) * k_scale
+        v_scale,  # multiplies the output (1.0 unless the cache is fp8)
         num_seqs,
         stride_qt,
         stride_qh,
@@ -254,7 +261,7 @@ def _kernels() -> dict[str, Any]:
                 m_i = m_new
 
             l_i = tl.where(l_i == 0.0, 1.0, l_i)
-            out = acc / l_i[:, None]
+            out = acc / l_i[:, None] * v_scale
             o_off = (
                 (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
             )
@@ -307,13 +314,20 @@ def _check_cache(kv_cache: torch.Tensor) -> None:
 
 
 def triton_write_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Store ``k``/``v`` (T, n_kv, hd) at flat slots ``slot_mapping`` (T,) of
     ``kv_cache`` (2, num_blocks, block_size, n_kv, hd), in one launch. Slots < 0 are
-    skipped (padding tokens)."""
+    skipped (padding tokens). An fp8 cache stores the bytes of
+    :func:`~lmfleet.engine.layers.attention.to_fp8` with ``k_scale``/``v_scale``."""
     kern = _kernels()
     _check_cache(kv_cache)
+    check_kv_scales(kv_cache, k_scale, v_scale)
     num_tokens, n_kv, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -335,6 +349,8 @@ def triton_write_kv(
         v,
         kv_cache,
         slot_mapping,
+        inverse_scale(k_scale),
+        inverse_scale(v_scale),
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -365,12 +381,19 @@ def _launch_config(
 
 
 def triton_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``q`` (T, n_heads, hd) over the cache, whose slots for this step's
-    tokens are already written; returns (T, n_heads, hd)."""
+    tokens are already written; returns (T, n_heads, hd). ``k_scale``/``v_scale``
+    dequantize an fp8 cache."""
     kern = _kernels()
     _check_cache(kv_cache)
+    check_kv_scales(kv_cache, k_scale, v_scale)
     num_tokens, n_heads, head_dim = q.shape
     n_kv = kv_cache.shape[3]
     if n_heads % n_kv:
@@ -402,7 +425,8 @@ def triton_attention(
         tables,
         meta.seq_lens,
         meta.query_start_loc,
-        scale * _LOG2E,
+        scale * _LOG2E * k_scale,
+        v_scale,
         num_seqs,
         q.stride(0),
         q.stride(1),
@@ -435,29 +459,33 @@ def triton_paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Write ``k``/``v`` into ``kv_cache`` and attend; returns (T, n_heads, hd).
 
     Same contract as :func:`lmfleet.engine.layers.attention.paged_attention`: ``q`` is
     (T, n_heads, hd), ``k`` and ``v`` (T, n_kv, hd); ``kv_cache`` is one layer's
-    (2, num_blocks, block_size, n_kv, hd) cache, updated in place. Raises
-    :class:`TritonUnavailable` when Triton is missing.
+    (2, num_blocks, block_size, n_kv, hd) cache, updated in place; ``k_scale`` and
+    ``v_scale`` are an fp8 cache's scales. Raises :class:`TritonUnavailable` when
+    Triton is missing.
     """
-    triton_write_kv(k, v, kv_cache, meta.slot_mapping)
+    triton_write_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
         # a decode step too small to fill the GPU: split each context (flash decoding)
         from lmfleet.engine.layers.triton_decode import decode_splits_for, triton_decode_attention
 
         splits = decode_splits_for(q.shape[0], kv_cache.shape[3], q.device)
         if splits > 1:
-            return triton_decode_attention(q, kv_cache, meta, scale, num_splits=splits)
-    return triton_attention(q, kv_cache, meta, scale)
+            return triton_decode_attention(
+                q, kv_cache, meta, scale, num_splits=splits, k_scale=k_scale, v_scale=v_scale
+            )
+    return triton_attention(q, kv_cache, meta, scale, k_scale, v_scale)
 
 
-AttentionFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
-    torch.Tensor,
-]
+#: ``(q, k, v, kv_cache, meta, scale, k_scale, v_scale) -> out``; the last two default
+#: to 1.0 (see :func:`~lmfleet.engine.layers.attention.paged_attention`)
+AttentionFn = Callable[..., torch.Tensor]
 
 
 def attention_backend(device: torch.device | str, name: str = "auto") -> AttentionFn:

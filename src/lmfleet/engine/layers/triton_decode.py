@@ -25,9 +25,11 @@ capturable. :func:`decode_num_splits` picks the split count from the batch size,
 the KV head count and the SM count alone for the same reason. A row with
 ``seq_len == 0`` (CUDA-graph padding) reads nothing from the cache and gets zeros.
 
-K and V may be stored as float32, bfloat16, float16 or float8_e4m3fn (scale 1.0):
-they are converted to the query's dtype after loading, and the softmax weights P are
-rounded to the query's dtype (never to fp8) before the P @ V product.
+K and V may be stored as float32, bfloat16, float16 or float8_e4m3fn: they are
+converted to the query's dtype after loading, and the softmax weights P are rounded
+to the query's dtype (never to fp8) before the P @ V product. An fp8 cache's
+``k_scale`` is folded into the softmax scale and its ``v_scale`` into the final
+normalisation (the split kernel's with one split, the combine kernel's otherwise).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 
 import torch
 
+from lmfleet.engine.layers.attention import check_kv_scales
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.triton_attention import (
     _interpreting,
@@ -97,7 +100,8 @@ def _kernels() -> dict[str, Any]:
         out_ptr,  # (B, n_heads, HEAD_DIM): written here directly when NUM_SPLITS == 1
         block_tables_ptr,
         seq_lens_ptr,
-        qk_scale,  # softmax scale * log2(e)
+        qk_scale,  # softmax scale * log2(e) * k_scale
+        v_scale,  # multiplies the output (1.0 unless the cache is fp8)
         stride_qt,
         stride_qh,
         stride_ot,
@@ -179,7 +183,7 @@ def _kernels() -> dict[str, Any]:
         if NUM_SPLITS == 1:
             # nothing to combine: normalise and write the output (seq_len 0 gives zeros)
             l_i = tl.where(l_i == 0.0, 1.0, l_i)
-            out = acc / l_i[:, None]
+            out = acc / l_i[:, None] * v_scale
             o_off = seq.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :]
             tl.store(
                 out_ptr + o_off,
@@ -199,6 +203,7 @@ def _kernels() -> dict[str, Any]:
         l_ptr,
         acc_ptr,
         out_ptr,
+        v_scale,
         stride_ot,
         stride_oh,
         HEAD_DIM: tl.constexpr,
@@ -223,7 +228,7 @@ def _kernels() -> dict[str, Any]:
         w = tl.exp2(m - tl.max(m, axis=0))  # (S,)
         total = tl.sum(w * l_s, axis=0)
         total = tl.where(total == 0.0, 1.0, total)  # seq_len 0: zeros, not NaN
-        out = tl.sum(w[:, None] * acc, axis=0) / total  # (D,)
+        out = tl.sum(w[:, None] * acc, axis=0) / total * v_scale  # (D,)
         o_off = seq.to(tl.int64) * stride_ot + head * stride_oh + d
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
@@ -240,15 +245,18 @@ def triton_decode_attention(
     meta: AttentionMetadata,
     scale: float,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention with the context split across programs; returns (B, n_heads, hd).
 
     ``q`` is (B, n_heads, hd), one new token per sequence (token ``i`` belongs to
     sequence ``i``); ``kv_cache`` is one layer's (2, num_blocks, block_size, n_kv, hd)
     cache of float32, bfloat16, float16 or float8_e4m3fn, already holding this step's
-    keys and values. Reads only ``meta.seq_lens`` and ``meta.block_tables`` (on the
-    device), so it can be captured in a CUDA graph. ``num_splits`` defaults to
-    :func:`decode_num_splits` for the device's SM count. Raises
+    keys and values (``k_scale``/``v_scale``: an fp8 cache's scales). Reads only
+    ``meta.seq_lens`` and ``meta.block_tables`` (on the device), so it can be captured
+    in a CUDA graph. ``num_splits`` defaults to :func:`decode_num_splits` for the
+    device's SM count. Raises
     :class:`TritonUnavailable` when Triton is missing.
     """
     kern = _kernels()
@@ -261,6 +269,7 @@ def triton_decode_attention(
         raise ValueError("kv_cache's last dimension must be contiguous")
     if kv_cache.dtype not in _CACHE_DTYPES:
         raise ValueError(f"unsupported kv_cache dtype {kv_cache.dtype}")
+    check_kv_scales(kv_cache, k_scale, v_scale)
     if q.dim() != 3:
         raise ValueError(f"q must be (num_seqs, n_heads, head_dim), got {tuple(q.shape)}")
     num_seqs, n_heads, head_dim = q.shape
@@ -312,7 +321,8 @@ def triton_decode_attention(
         out,
         tables,
         meta.seq_lens,
-        scale * _LOG2E,
+        scale * _LOG2E * k_scale,
+        v_scale,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -341,6 +351,7 @@ def triton_decode_attention(
         part_l,
         part_acc,
         out,
+        v_scale,
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,

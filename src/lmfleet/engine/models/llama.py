@@ -11,7 +11,7 @@ files, scheduling or sampling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ class LlamaAttention(nn.Module):
         self._rotary = (rotary,)
         #: the paged-attention backend (CPU reference or Triton), same signature
         self.attn_fn = paged_attention
+        #: an fp8 KV cache's scales for this layer (see ``set_kv_scales``)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         #: fused q/k norm + rotary kernel when set (see ``set_fused_ops``)
         self.ops: FusedOps | None = None
         self.eps = cfg.rms_norm_eps
@@ -88,7 +91,9 @@ class LlamaAttention(nn.Module):
                 q = self.q_norm(q)
                 k = self.k_norm(k)
             q, k = rotary(positions, q, k)
-        out = self.attn_fn(q, k, v, kv_cache, meta, self.scale)  # (T, n_heads, hd)
+        out = self.attn_fn(
+            q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale
+        )  # (T, n_heads, hd)
         return self.o_proj(out.reshape(num_tokens, self.n_heads * self.head_dim))
 
     def fuse_projections(self) -> None:
@@ -250,6 +255,16 @@ class LlamaForCausalLM(nn.Module):
         :func:`~lmfleet.engine.layers.attention.paged_attention`)."""
         for layer in self.model.layers:
             layer.self_attn.attn_fn = fn
+
+    def set_kv_scales(self, k: Sequence[float], v: Sequence[float]) -> None:
+        """Each layer's fp8 KV-cache scales (1.0 for a cache in the model dtype); plain
+        floats, read when a forward runs or a CUDA graph is captured."""
+        layers = self.model.layers
+        if len(k) != len(layers) or len(v) != len(layers):
+            raise ValueError(f"{len(k)} K and {len(v)} V scales for {len(layers)} layers")
+        for layer, k_scale, v_scale in zip(layers, k, v, strict=True):
+            layer.self_attn.k_scale = float(k_scale)
+            layer.self_attn.v_scale = float(v_scale)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Compute the non-persistent buffers (rotary tables) on ``device``."""

@@ -4,7 +4,10 @@ The module is built on the ``meta`` device (no memory), then each tensor is read
 from its file on its own, converted to the target dtype and device, and assigned
 as the parameter, so at most one tensor exists twice at any time. Every problem
 with the files raises :class:`~lmfleet.errors.ModelLoadError` naming the file (and
-the tensor). This module knows nothing about the KV cache or the engine.
+the tensor). Scalar fp8 KV-cache scales that quantized checkpoints carry
+(``self_attn.k_scale`` and the like, see :mod:`lmfleet.engine.kv_scales`) are read
+into :attr:`LoadedModel.kv_scales`; what to do with them is the runner's business.
+This module knows nothing else about the KV cache or the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from lmfleet.engine.kv_scales import KVScales, checkpoint_kv_scales, kv_scale_tensor_layer
 from lmfleet.engine.models.config import ArchConfig
 from lmfleet.engine.models.llama import LlamaForCausalLM
 from lmfleet.engine.models.registry import resolve
@@ -45,6 +49,8 @@ class LoadedModel:
     num_bytes: int
     load_seconds: float
     bytes_per_second: float
+    #: the checkpoint's fp8 KV-cache scales, None when it has none
+    kv_scales: KVScales | None = None
 
 
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], Path, dict[str, str] | None]:
@@ -96,6 +102,7 @@ def load_model(
     total = sum(path.stat().st_size for path in files)
     num_bytes = 0
     loaded: dict[str, Path] = {}
+    kv_scale_values: dict[tuple[int, str], float] = {}
     with tqdm(
         total=total,
         unit="B",
@@ -114,7 +121,11 @@ def load_model(
                         f"{path}: tensor {name} is listed in {listing} under {weight_map[name]}"
                     )
                 file_bytes += tensor.nbytes
-                _assign(model, name, _convert(tensor, dtype, device))
+                scale_of = kv_scale_tensor_layer(name)
+                if scale_of is not None:
+                    kv_scale_values[scale_of] = _scalar(path, name, tensor)
+                else:
+                    _assign(model, name, _convert(tensor, dtype, device))
                 loaded[name] = path
                 bar.update(tensor.nbytes)
             num_bytes += file_bytes
@@ -135,6 +146,12 @@ def load_model(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(f"{listing}: missing tensor {missing[0]}{more}")
 
+    kv_scales = None
+    if kv_scale_values:
+        try:
+            kv_scales = checkpoint_kv_scales(kv_scale_values, arch.num_hidden_layers)
+        except ValueError as exc:
+            raise ModelLoadError(f"{listing}: {exc}") from exc
     model.init_buffers(device)
     model.eval()
     seconds = time.perf_counter() - start
@@ -148,7 +165,7 @@ def load_model(
         seconds,
         rate / 1e6,
     )
-    return LoadedModel(model, arch, num_bytes, seconds, rate)
+    return LoadedModel(model, arch, num_bytes, seconds, rate, kv_scales)
 
 
 def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -157,6 +174,9 @@ def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if kv_scale_tensor_layer(name) is not None:
+                    yield name, f.get_tensor(name)
+                    continue
                 if name not in params:
                     if name.endswith(_IGNORED_SUFFIXES):
                         continue
@@ -175,6 +195,16 @@ def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[st
                 yield name, tensor
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read safetensors: {exc}") from exc
+
+
+def _scalar(path: Path, name: str, tensor: torch.Tensor) -> float:
+    """The value of a one-element float scale tensor (any shape, e.g. () or (1,))."""
+    if tensor.numel() != 1 or not tensor.is_floating_point():
+        raise ModelLoadError(
+            f"{path}: tensor {name} must hold one float (a per-tensor KV scale), got "
+            f"shape {list(tensor.shape)} {tensor.dtype}"
+        )
+    return float(tensor.float().item())
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
