@@ -32,7 +32,9 @@ Phases, in order:
    (``profile_batch1``, ``profile_batch64``; ``throughput`` has the same at batch 1
    through the graphs, ``profile_batch1_graphs``).
 7. ``fp8_kv``: phase 5's workload with ``kv_cache_dtype="fp8"`` → ``out_tok_s`` and
-   the KV blocks the same budget buys.
+   the KV blocks the same budget buys (scales calibrated at startup, the default;
+   ``kv_scales`` says which). Phase 2 compares the fp8 cache's logits with the bf16
+   cache's, with unit scales and with scales from the prompts' own |K| and |V|.
 8. ``fp8``: phase 5's workload with fp8 weights (``quantization="fp8"``).
 9. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
    the first ``--hf-requests`` requests of the same workload under ``no_grad`` →
@@ -72,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from lmfleet.engine.kv_scales import AmaxObserver, scales_from_amax  # noqa: E402
 from lmfleet.engine.layers import triton_attention as ta  # noqa: E402
 from lmfleet.engine.layers.attention import paged_attention  # noqa: E402
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata  # noqa: E402
@@ -261,7 +264,8 @@ def prefill_logits(
     )
     ids = torch.tensor([t for p in prompts for t in p], device=device)
     pos = torch.cat([torch.arange(n) for n in lens]).to(device)
-    model.set_attention_backend(fn)
+    if fn is not None:  # None: keep each layer's attention function as it is
+        model.set_attention_backend(fn)
     with torch.inference_mode():
         hidden = model(ids, pos, caches, meta)
         return model.compute_logits(hidden).float().cpu()
@@ -297,15 +301,37 @@ def phase_logits(args, model_dir: str, prompts) -> Callable[[float], dict]:
                 "finite": bool(torch.isfinite(got).all()),
             }
 
+        def amax_scales(model):
+            """fp8 KV scales from these prompts' largest |K| and |V| per layer, over a
+            bf16 cache (the runner calibrates on its built-in text instead)."""
+            model.set_attention_backend(ta.triton_paged_attention)
+            attns = [layer.self_attn for layer in model.model.layers]
+            observers = [AmaxObserver(a.attn_fn) for a in attns]
+            for attn, observer in zip(attns, observers, strict=True):
+                attn.attn_fn = observer
+            prefill_logits(model, prompts, bf16, args.device, None)
+            amax = [o.result() for o in observers]
+            model.set_attention_backend(ta.triton_paged_attention)
+            return scales_from_amax([k for k, _ in amax], [v for _, v in amax], ref.shape[0])
+
         bf16 = torch.bfloat16
         plain = logits(gpu_model(fused=False))
         _free()
         fused_model = gpu_model(fused=True)
         fused = logits(fused_model)
         fp8_kv = logits(fused_model, torch.float8_e4m3fn)
+        scales = amax_scales(fused_model)
+        fused_model.set_kv_scales(scales.k, scales.v)
+        fp8_kv_scaled = logits(fused_model, torch.float8_e4m3fn)
         del fused_model
         _free()
-        quality = {"fp8_kv_vs_bf16_kv": compare(fp8_kv, fused)}
+        quality = {
+            "fp8_kv_vs_bf16_kv": compare(fp8_kv, fused),
+            "fp8_kv_scaled_vs_bf16_kv": {
+                **compare(fp8_kv_scaled, fused),
+                "scales": scales.describe(),
+            },
+        }
         for quant in ("int8", "fp8"):
             quality[f"{quant}_weights_vs_bf16"] = compare(logits(gpu_model(True, quant)), fused)
             _free()
@@ -541,6 +567,7 @@ def phase_throughput(
         sizing = llm.core.runner.kv_sizing
         rec["kv_sizing"] = dataclasses.asdict(sizing) if sizing is not None else None
         rec["kv_block_size"] = llm.config.cache.block_size
+        rec["kv_scales"] = llm.core.runner.kv_scales.describe()
         rec["num_preemptions"] = stats.num_preemptions
         if torch.cuda.is_available():
             rec["peak_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
