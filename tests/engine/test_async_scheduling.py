@@ -118,16 +118,19 @@ def _record_calls(llm: LLM) -> list[str]:
     runner = llm.core.runner
     calls: list[str] = []
     launch, collect = runner.launch, runner.collect
-    steps: dict[int, int] = {}
+    # the steps themselves, kept alive: keyed by id(), a freed step's id can be
+    # handed to a later one
+    launched: list[object] = []
 
     def rec_launch(sched, prev=None):  # type: ignore[no-untyped-def]
         step = launch(sched, prev)
-        steps[id(step)] = len(steps) + 1
-        calls.append(f"launch {steps[id(step)]}")
+        launched.append(step)
+        calls.append(f"launch {len(launched)}")
         return step
 
     def rec_collect(step):  # type: ignore[no-untyped-def]
-        calls.append(f"collect {steps[id(step)]}")
+        number = next(i for i, s in enumerate(launched, 1) if s is step)
+        calls.append(f"collect {number}")
         return collect(step)
 
     runner.launch, runner.collect = rec_launch, rec_collect  # type: ignore[method-assign]
