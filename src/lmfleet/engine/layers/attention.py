@@ -24,6 +24,8 @@ Caches in the model dtype take no scales (both must be 1.0).
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.nn.functional as F
 
@@ -56,8 +58,9 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 def inverse_scale(scale: float) -> float:
     """``1 / scale`` rounded to fp32: what an fp8 write multiplies by. Every backend
-    multiplies by this same fp32 number, so they store the same bytes."""
-    return torch.tensor(1.0 / scale, dtype=torch.float32).item()
+    multiplies by this same fp32 number, so they store the same bytes. Called per
+    layer per step, so no tensor is made for it (``struct`` rounds to nearest)."""
+    return struct.unpack("f", struct.pack("f", 1.0 / scale))[0]
 
 
 def to_fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
