@@ -35,10 +35,9 @@ from lmfleet.engine.core_process import (
     CoreProcessClient,
     StepResult,
 )
-from lmfleet.engine.llm import load_tokenizer
 from lmfleet.engine.output_processor import OutputProcessor
 from lmfleet.engine.request import FinishReason, Request, RequestOutput, SamplingParams
-from lmfleet.engine.tokenizer import Tokenizer
+from lmfleet.engine.tokenizer import Tokenizer, load_tokenizer
 from lmfleet.errors import DuplicateRequestId, EngineDead, RequestRejected
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -18,19 +17,12 @@ from lmfleet.engine.config import EngineConfig, engine_config
 from lmfleet.engine.core import EngineCore
 from lmfleet.engine.output_processor import OutputProcessor
 from lmfleet.engine.request import Request, RequestOutput, SamplingParams
-from lmfleet.engine.tokenizer import Tokenizer
+from lmfleet.engine.tokenizer import load_tokenizer
 from lmfleet.errors import RequestRejected
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-
-
-def load_tokenizer(model_dir: str) -> Tokenizer | None:
-    """The model directory's tokenizer, or None when it ships none."""
-    if not (Path(model_dir) / "tokenizer.json").exists():
-        return None
-    return Tokenizer.from_dir(model_dir)
 
 
 class LLM:

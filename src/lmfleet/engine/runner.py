@@ -185,13 +185,12 @@ class ModelRunner:
         """:data:`CALIBRATION_TEXT` in the model's tokenizer, cut to one step's budget.
         A model directory without a tokenizer gets :data:`CALIBRATION_RANDOM_TOKENS`
         token ids drawn with a fixed seed instead (and a warning)."""
-        from pathlib import Path
-
-        from lmfleet.engine.tokenizer import Tokenizer
+        from lmfleet.engine.tokenizer import load_tokenizer
 
         limit = min(self.scheduler_config.max_num_batched_tokens, self.max_seq_len)
-        if (Path(self.model_dir) / "tokenizer.json").exists():
-            return Tokenizer.from_dir(self.model_dir).encode(CALIBRATION_TEXT)[:limit]
+        tokenizer = load_tokenizer(self.model_dir)
+        if tokenizer is not None:
+            return tokenizer.encode(CALIBRATION_TEXT)[:limit]
         logger.warning(
             "%s has no tokenizer.json: calibrating the fp8 KV scales on random token ids, "
             "which may miss the ranges real text produces (--kv-cache-scales unit keeps "

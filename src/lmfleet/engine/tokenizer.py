@@ -627,3 +627,10 @@ class StopChecker:
         """End of stream without a match: return the held-back text."""
         held, self._held = self._held, ""
         return held
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
+    """The model directory's tokenizer, or None when it ships no ``tokenizer.json``."""
+    if not (Path(model_dir) / "tokenizer.json").exists():
+        return None
+    return Tokenizer.from_dir(model_dir)
