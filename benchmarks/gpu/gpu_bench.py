@@ -74,7 +74,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from lmfleet.engine.kv_scales import AmaxObserver, scales_from_amax  # noqa: E402
+from lmfleet.engine.kv_scales import measure_kv_amax, scales_from_amax  # noqa: E402
 from lmfleet.engine.layers import triton_attention as ta  # noqa: E402
 from lmfleet.engine.layers.attention import paged_attention  # noqa: E402
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata  # noqa: E402
@@ -306,13 +306,10 @@ def phase_logits(args, model_dir: str, prompts) -> Callable[[float], dict]:
             bf16 cache (the runner calibrates on its built-in text instead)."""
             model.set_attention_backend(ta.triton_paged_attention)
             attns = [layer.self_attn for layer in model.model.layers]
-            observers = [AmaxObserver(a.attn_fn) for a in attns]
-            for attn, observer in zip(attns, observers, strict=True):
-                attn.attn_fn = observer
-            prefill_logits(model, prompts, bf16, args.device, None)
-            amax = [o.result() for o in observers]
-            model.set_attention_backend(ta.triton_paged_attention)
-            return scales_from_amax([k for k, _ in amax], [v for _, v in amax], ref.shape[0])
+            k_amax, v_amax = measure_kv_amax(
+                attns, lambda: prefill_logits(model, prompts, bf16, args.device, None)
+            )
+            return scales_from_amax(k_amax, v_amax, ref.shape[0])
 
         bf16 = torch.bfloat16
         plain = logits(gpu_model(fused=False))

@@ -29,6 +29,7 @@ from lmfleet.engine.kv_scales import (
     KVScales,
     checkpoint_kv_scales,
     kv_scale_tensor_layer,
+    measure_kv_amax,
     scales_from_amax,
 )
 from lmfleet.engine.layers.attention import FP8_KV_DTYPE, to_fp8
@@ -106,6 +107,33 @@ def test_amax_observer_passes_through_and_keeps_the_maximum() -> None:
     obs(q, torch.tensor([[[2.0, 1.0]]]), torch.tensor([[[0.75, 0.0]]]), None, None, 0.1, 1.0, 1.0)
     assert obs.result() == (3.0, 0.75)
     assert calls == [(0.1, 1.0, 1.0), (0.1, 1.0, 1.0)]
+
+
+def test_measure_kv_amax_restores_the_layers_even_on_error() -> None:
+    class Attn:
+        def __init__(self) -> None:
+            self.attn_fn = lambda q, k, v, cache, meta, scale, ks=1.0, vs=1.0: (q, ks, vs)
+            self.k_scale, self.v_scale = 3.0, 5.0
+
+    attns = [Attn(), Attn()]
+    before = [(a.attn_fn, a.k_scale, a.v_scale) for a in attns]
+    seen = []
+
+    def run() -> None:
+        for i, a in enumerate(attns):
+            k = torch.full((1, 1, 2), -2.0 * (i + 1))
+            seen.append(a.attn_fn(None, k, k / 4, None, None, 0.1, a.k_scale, a.v_scale))
+
+    assert measure_kv_amax(attns, run) == ([2.0, 4.0], [0.5, 1.0])
+    assert [s[1:] for s in seen] == [(1.0, 1.0), (1.0, 1.0)]  # scales were 1.0 inside
+    assert [(a.attn_fn, a.k_scale, a.v_scale) for a in attns] == before
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        measure_kv_amax(attns, boom)
+    assert [(a.attn_fn, a.k_scale, a.v_scale) for a in attns] == before
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -213,6 +214,28 @@ class AmaxObserver:
         return self.k_amax.item(), self.v_amax.item()
 
 
+def measure_kv_amax(
+    attns: Sequence[Any], run: Callable[[], object]
+) -> tuple[list[float], list[float]]:
+    """Each layer's largest ``|K|`` and ``|V|`` while ``run()`` runs the model.
+
+    ``attns`` are the layers' attention modules (``attn_fn``, ``k_scale``,
+    ``v_scale``, as ``LlamaAttention`` has them): for the call, each ``attn_fn`` is
+    wrapped in an :class:`AmaxObserver` and the scales are 1.0 (``run`` should use a
+    cache in the model dtype); all three are restored afterwards, also on error."""
+    saved = [(a.attn_fn, a.k_scale, a.v_scale) for a in attns]
+    observers = [AmaxObserver(a.attn_fn) for a in attns]
+    try:
+        for attn, observer in zip(attns, observers, strict=True):
+            attn.attn_fn, attn.k_scale, attn.v_scale = observer, 1.0, 1.0
+        run()
+    finally:
+        for attn, (fn, k_scale, v_scale) in zip(attns, saved, strict=True):
+            attn.attn_fn, attn.k_scale, attn.v_scale = fn, k_scale, v_scale
+    amax = [observer.result() for observer in observers]
+    return [k for k, _ in amax], [v for _, v in amax]
+
+
 __all__ = [
     "CALIBRATION_RANDOM_TOKENS",
     "CALIBRATION_TEXT",
@@ -222,5 +245,6 @@ __all__ = [
     "KVScales",
     "checkpoint_kv_scales",
     "kv_scale_tensor_layer",
+    "measure_kv_amax",
     "scales_from_amax",
 ]

@@ -25,8 +25,8 @@ from lmfleet.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from lmfleet.engine.kv_scales import (
     CALIBRATION_RANDOM_TOKENS,
     CALIBRATION_TEXT,
-    AmaxObserver,
     KVScales,
+    measure_kv_amax,
     scales_from_amax,
 )
 from lmfleet.engine.kv_sizing import (
@@ -216,22 +216,19 @@ class ModelRunner:
             num_batched_tokens=num_tokens,
         )
         attns = [layer.self_attn for layer in self.model.model.layers]
-        saved = [(a.attn_fn, a.k_scale, a.v_scale) for a in attns]
-        observers = [AmaxObserver(a.attn_fn) for a in attns]
         saved_caches, saved_graphs = self.kv_caches, self.graphs
         self.kv_caches = self._new_kv_caches(blocks, torch.zeros, dtype=self.dtype)
         self.graphs = None
-        try:
-            for attn, observer in zip(attns, observers, strict=True):
-                attn.attn_fn, attn.k_scale, attn.v_scale = observer, 1.0, 1.0
+
+        def prefill() -> None:
             step = self._prepare(sched)
             self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+
+        try:
+            k_amax, v_amax = measure_kv_amax(attns, prefill)
         finally:
-            for attn, (fn, k_scale, v_scale) in zip(attns, saved, strict=True):
-                attn.attn_fn, attn.k_scale, attn.v_scale = fn, k_scale, v_scale
             self.kv_caches, self.graphs = saved_caches, saved_graphs
-        amax = [observer.result() for observer in observers]
-        return scales_from_amax([k for k, _ in amax], [v for _, v in amax], num_tokens)
+        return scales_from_amax(k_amax, v_amax, num_tokens)
 
     # ---- KV cache ------------------------------------------------------------------
     def plan_kv_cache(self) -> KVCacheLayout:
