@@ -50,7 +50,7 @@ KV_CACHE_SCALES: dict[str, str] = {
     "calibrate": "measure each layer's largest |K| and |V| over a built-in text at "
     "startup (one prefill, before CUDA graphs are captured) and scale them to about "
     "half of fp8's range (K) and a quarter (V), leaving room for larger values later",
-    "unit": "scale 1.0 everywhere (values beyond +-448 saturate, below 2^-9 flush to zero)",
+    "unit": "scale 1.0 everywhere (values beyond +-448 saturate, below 2^-10 round to zero)",
 }
 #: what the KV budget leaves free on an accelerator beyond the profiled peak: CUDA
 #: graphs and the caching allocator's fragmentation are not in that peak

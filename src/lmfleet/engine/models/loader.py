@@ -121,11 +121,12 @@ def load_model(
                         f"{path}: tensor {name} is listed in {listing} under {weight_map[name]}"
                     )
                 file_bytes += tensor.nbytes
-                scale_of = kv_scale_tensor_layer(name)
-                if scale_of is not None:
-                    kv_scale_values[scale_of] = _scalar(path, name, tensor)
-                else:
+                if name in params:
                     _assign(model, name, _convert(tensor, dtype, device))
+                else:  # _read_file yields parameters and KV scales only
+                    scale_of = kv_scale_tensor_layer(name)
+                    assert scale_of is not None
+                    kv_scale_values[scale_of] = _scalar(path, name, tensor)
                 loaded[name] = path
                 bar.update(tensor.nbytes)
             num_bytes += file_bytes
@@ -170,14 +171,15 @@ def load_model(
 
 def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` of ``path`` one at a time, after checking the name
-    and shape against the model's parameters."""
+    and shape against the model's parameters; KV-scale tensors (not parameters) are
+    yielded as they are."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if kv_scale_tensor_layer(name) is not None:
-                    yield name, f.get_tensor(name)
-                    continue
                 if name not in params:
+                    if kv_scale_tensor_layer(name) is not None:
+                        yield name, f.get_tensor(name)  # a KV scale: load_model reads it
+                        continue
                     if name.endswith(_IGNORED_SUFFIXES):
                         continue
                     raise ModelLoadError(f"{path}: unexpected tensor {name} (not in the model)")
