@@ -342,7 +342,7 @@ def dispatch_scenarios(cap: Capture, caches: list[str], batches: list[int], num_
 def fused_scenarios(cap: Capture, dtypes: list[str]) -> None:
     """The fused elementwise kernels as the decoder layer calls them."""
     t = 5
-    _, positions = make_step([0], [t], 16)
+    meta, positions = make_step([0], [t], 16)
     for name in dtypes:
         dtype = DTYPES[name]
         weight = torch.ones(HIDDEN, dtype=dtype)  # RMSNorm weights are in the model dtype
@@ -363,6 +363,17 @@ def fused_scenarios(cap: Capture, dtypes: list[str]) -> None:
         tf.qk_norm_rope(q, k, positions, cos, sin, norm_w, norm_w, EPS)
         cap.scenario = f"qk_norm_rope {name} (no norm, Llama)"
         tf.qk_norm_rope(q, k, positions, cos, sin, None, None, EPS)
+        # the layer's K/V write in the same launch: a cache in the model dtype, and fp8
+        # under bf16 (v a view of the fused projection too)
+        v = fused[:, q_size + kv_size :].view(t, N_KV, HEAD_DIM)
+        for cache_name in [name] + (["fp8"] if name == "bf16" else []):
+            cache = kv_cache(4, 16, DTYPES[cache_name])
+            scales = (0.5, 0.25) if cache_name == "fp8" else (1.0, 1.0)
+            for label, w in (("Qwen3 q/k norm", norm_w), ("no norm, Llama", None)):
+                cap.scenario = f"qk_norm_rope_write_kv {name} cache={cache_name} ({label})"
+                tf.qk_norm_rope_write_kv(
+                    q, k, v, positions, cos, sin, w, w, EPS, cache, meta.slot_mapping, *scales
+                )
         cap.scenario = f"silu_and_mul {name}"
         tf.silu_and_mul(torch.zeros(t, 2 * INTER, dtype=dtype))
         # fp8 weights: the activations of every projection (inputs 1024, 2048, 3072 wide)

@@ -113,27 +113,33 @@ def test_measure_kv_amax_restores_the_layers_even_on_error() -> None:
     class Attn:
         def __init__(self) -> None:
             self.attn_fn = lambda q, k, v, cache, meta, scale, ks=1.0, vs=1.0: (q, ks, vs)
+            # a fused K/V write would bypass attn_fn: switched off while observing
+            self.attend_fn = lambda q, cache, meta, scale, ks=1.0, vs=1.0: q
             self.k_scale, self.v_scale = 3.0, 5.0
 
+    def state(a: Attn) -> tuple:
+        return a.attn_fn, a.attend_fn, a.k_scale, a.v_scale
+
     attns = [Attn(), Attn()]
-    before = [(a.attn_fn, a.k_scale, a.v_scale) for a in attns]
+    before = [state(a) for a in attns]
     seen = []
 
     def run() -> None:
         for i, a in enumerate(attns):
+            assert a.attend_fn is None
             k = torch.full((1, 1, 2), -2.0 * (i + 1))
             seen.append(a.attn_fn(None, k, k / 4, None, None, 0.1, a.k_scale, a.v_scale))
 
     assert measure_kv_amax(attns, run) == ([2.0, 4.0], [0.5, 1.0])
     assert [s[1:] for s in seen] == [(1.0, 1.0), (1.0, 1.0)]  # scales were 1.0 inside
-    assert [(a.attn_fn, a.k_scale, a.v_scale) for a in attns] == before
+    assert [state(a) for a in attns] == before
 
     def boom() -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         measure_kv_amax(attns, boom)
-    assert [(a.attn_fn, a.k_scale, a.v_scale) for a in attns] == before
+    assert [state(a) for a in attns] == before
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -219,19 +219,20 @@ def measure_kv_amax(
 ) -> tuple[list[float], list[float]]:
     """Each layer's largest ``|K|`` and ``|V|`` while ``run()`` runs the model.
 
-    ``attns`` are the layers' attention modules (``attn_fn``, ``k_scale``,
-    ``v_scale``, as ``LlamaAttention`` has them): for the call, each ``attn_fn`` is
-    wrapped in an :class:`AmaxObserver` and the scales are 1.0 (``run`` should use a
-    cache in the model dtype); all three are restored afterwards, also on error."""
-    saved = [(a.attn_fn, a.k_scale, a.v_scale) for a in attns]
+    ``attns`` are the layers' attention modules (``attn_fn``, ``attend_fn``,
+    ``k_scale``, ``v_scale``, as ``LlamaAttention`` has them): for the call, each
+    ``attn_fn`` is wrapped in an :class:`AmaxObserver`, ``attend_fn`` is None (so K/V
+    go through ``attn_fn``, not a fused write) and the scales are 1.0 (``run`` should
+    use a cache in the model dtype); all four are restored afterwards, also on error."""
+    saved = [(a.attn_fn, a.attend_fn, a.k_scale, a.v_scale) for a in attns]
     observers = [AmaxObserver(a.attn_fn) for a in attns]
     try:
         for attn, observer in zip(attns, observers, strict=True):
-            attn.attn_fn, attn.k_scale, attn.v_scale = observer, 1.0, 1.0
+            attn.attn_fn, attn.attend_fn, attn.k_scale, attn.v_scale = observer, None, 1.0, 1.0
         run()
     finally:
-        for attn, (fn, k_scale, v_scale) in zip(attns, saved, strict=True):
-            attn.attn_fn, attn.k_scale, attn.v_scale = fn, k_scale, v_scale
+        for attn, state in zip(attns, saved, strict=True):
+            attn.attn_fn, attn.attend_fn, attn.k_scale, attn.v_scale = state
     amax = [observer.result() for observer in observers]
     return [k for k, _ in amax], [v for _, v in amax]
 

@@ -41,6 +41,7 @@ from lmfleet.engine.layers.sampler import PendingSample, Sampler, SamplingBatch
 from lmfleet.engine.layers.triton_attention import (
     attention_backend,
     fp8_kv_supported,
+    triton_attend,
     triton_paged_attention,
 )
 from lmfleet.engine.layers.triton_fused import triton_fused_ops
@@ -127,10 +128,13 @@ class ModelRunner:
         # get their own per-channel scales, the same ones as separately)
         self.model.fuse_projections()
         self.attn_fn = attention_backend(self.device, model_config.attention_backend)
-        self.model.set_attention_backend(self.attn_fn)
         if self.attn_fn is triton_paged_attention:
-            # with the Triton attention come the fused norm, rotary and silu kernels
+            # with the Triton attention come the fused norm, rotary and silu kernels,
+            # and the K/V write moves into the q/k norm + rotary kernel
+            self.model.set_attention_backend(self.attn_fn, triton_attend)
             self.model.set_fused_ops(triton_fused_ops())
+        else:
+            self.model.set_attention_backend(self.attn_fn)
         if model_config.quantization is not None:
             count = quantize_model(self.model, model_config.quantization)
             logger.info("quantized %d linear layers to %s", count, model_config.quantization)

@@ -24,12 +24,14 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from lmfleet.engine.layers import triton_fused
+from lmfleet.engine.layers.attention import write_kv
 from lmfleet.engine.layers.norm import RMSNorm
 from lmfleet.engine.layers.rotary import RotaryEmbedding
-from lmfleet.engine.layers.triton_attention import TritonUnavailable
+from lmfleet.engine.layers.triton_attention import TritonUnavailable, triton_write_kv
 from lmfleet.engine.layers.triton_fused import (
     fused_add_rms_norm,
     qk_norm_rope,
+    qk_norm_rope_write_kv,
     rms_norm,
     silu_and_mul,
 )
@@ -302,6 +304,94 @@ def test_qk_norm_rope_rejects_bad_arguments() -> None:
         qk_norm_rope(q, k, pos, cos[:, :3], sin, None, None, EPS)
     with pytest.raises(ValueError, match="even"):
         qk_norm_rope(q[..., :7], k[..., :7], pos, cos, sin, None, None, EPS)
+
+
+# ---------------------------------------------------------------- qk_norm_rope_write_kv
+
+
+def _cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8) if cache.element_size() == 1 else cache
+
+
+# (model dtype, norm weight dtype, cache dtype, k_scale, v_scale): a cache in the rotated
+# keys' dtype, fp8 with unit scales and with scales that matter (keys beyond 448 before
+# scaling, values in fp8's subnormals without it), and an fp32-weighted norm whose fp32
+# keys go to a bf16 cache through the separate write kernel
+WRITE_CASES = [
+    (torch.float32, torch.float32, torch.float32, 1.0, 1.0),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, 1.0, 1.0),
+    (torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 1.0, 1.0),
+    (torch.bfloat16, torch.bfloat16, torch.float8_e4m3fn, 4.0, 2e-5),
+    (torch.float32, torch.float32, torch.float8_e4m3fn, 0.5, 3e-3),
+    (torch.bfloat16, torch.float32, torch.bfloat16, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("shape", QK_SHAPES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_qk_norm_rope_write_kv_matches_separate_kernels(
+    case: tuple, shape: tuple[int, ...], norm: bool
+) -> None:
+    """One launch stores the bytes that ``qk_norm_rope`` then ``triton_write_kv`` store
+    (and the torch reference ``write_kv`` of those keys), returns the same q, writes
+    nothing at a padding token's slot (-1) and leaves every other slot alone."""
+    dtype, w_dtype, cache_dtype, k_scale, v_scale = case
+    num_tokens, n_heads, n_kv, head_dim = shape
+    gen = _gen(11 + head_dim)
+    width = (n_heads + 2 * n_kv) * head_dim
+    fused = (3 * torch.randn(num_tokens, width, generator=gen)).to(dtype)
+    if k_scale != 1.0:  # keys up to ~2000, values around 1e-3
+        fused[:, n_heads * head_dim :] *= 300
+        fused[:, (n_heads + n_kv) * head_dim :] /= 3e5
+    q, k, v = _fused_qkv(num_tokens, n_heads, n_kv, head_dim, fused)
+    rot = RotaryEmbedding(head_dim, 4096, 1_000_000.0)
+    pos = torch.tensor([4000, 0, 17][:num_tokens])
+    slots = torch.tensor([9, -1, 2][:num_tokens])
+    weights = (
+        (_weight(head_dim, gen, w_dtype), _weight(head_dim, gen, w_dtype)) if norm else (None, None)
+    )
+    # 3 blocks of 4 slots, filled with a pattern the kernels must not touch
+    init = torch.randn(2, 3, 4, n_kv, head_dim, generator=gen).to(cache_dtype)
+    got_cache, sep_cache, ref_cache = init.clone(), init.clone(), init.clone()
+
+    q_out = qk_norm_rope_write_kv(
+        q, k, v, pos, rot.cos_cache, rot.sin_cache, *weights, EPS,
+        got_cache, slots, k_scale, v_scale,
+    )  # fmt: skip
+    q_sep, k_sep = qk_norm_rope(q, k, pos, rot.cos_cache, rot.sin_cache, *weights, EPS)
+    triton_write_kv(k_sep, v, sep_cache, slots, k_scale, v_scale)
+    keep = slots >= 0  # the torch reference of the write has no padding slots
+    if cache_dtype != torch.float8_e4m3fn:  # nor casts into a cache of another dtype
+        k_sep, v = k_sep.to(cache_dtype), v.to(cache_dtype)
+    write_kv(k_sep[keep], v[keep], ref_cache, slots[keep], k_scale, v_scale)
+
+    assert q_out.is_contiguous() and q_out.shape == q.shape
+    assert torch.equal(q_out, q_sep)
+    assert torch.equal(_cache_bytes(got_cache), _cache_bytes(sep_cache))
+    assert torch.equal(_cache_bytes(got_cache), _cache_bytes(ref_cache))
+    # the written slots changed, and only those (slot 9 is block 2, position 1)
+    changed = (_cache_bytes(got_cache) != _cache_bytes(init)).flatten(3).any(-1)  # (2, 3, 4)
+    written = {9, 2} if num_tokens > 2 else {9}
+    for s_ in range(12):
+        assert bool(changed[:, s_ // 4, s_ % 4].all()) == (s_ in written), s_
+
+
+def test_qk_norm_rope_write_kv_rejects_bad_arguments() -> None:
+    q = torch.zeros(2, 4, 8)
+    k = v = torch.zeros(2, 2, 8)
+    pos = torch.zeros(2, dtype=torch.int64)
+    cos = sin = torch.zeros(16, 4)
+    cache = torch.zeros(2, 3, 4, 2, 8)
+    slots = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"v .* does not match k"):
+        qk_norm_rope_write_kv(q, k, v[:, :1], pos, cos, sin, None, None, EPS, cache, slots)
+    with pytest.raises(ValueError, match=r"kv_cache .* does not match k"):
+        qk_norm_rope_write_kv(q, k, v, pos, cos, sin, None, None, EPS, cache[..., :4], slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        qk_norm_rope_write_kv(q, k, v, pos, cos, sin, None, None, EPS, cache, slots[:1])
+    with pytest.raises(ValueError, match="scale"):  # scales other than 1 need an fp8 cache
+        qk_norm_rope_write_kv(q, k, v, pos, cos, sin, None, None, EPS, cache, slots, 2.0)
 
 
 # ------------------------------------------------------------------------- silu_and_mul

@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from lmfleet.engine.layers.triton_attention import triton_attend, triton_paged_attention
 from lmfleet.engine.layers.triton_fused import triton_fused_ops
 from lmfleet.engine.models.loader import load_model
 from lmfleet.engine.models.presets import PRESETS, Preset, create_model
@@ -23,13 +24,17 @@ from tests.engine.layers.paged_kv import BlockLayout, positions_for
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _logits(model, arch, dtype, fused: bool) -> torch.Tensor:
+def _logits(model, arch, dtype, fused: bool, caches: list[torch.Tensor] | None = None):
     """Float32 logits of every token of two sequences: chunk 1 (both), chunk 2 with a
-    cached prefix and a one-token decode (mixed), then a decode step of both."""
+    cached prefix and a one-token decode (mixed), then a decode step of both. Writes
+    into ``caches`` when given (default: zeroed caches in ``dtype``)."""
     model.set_fused_ops(triton_fused_ops() if fused else None)
     layout = BlockLayout(24, 16, seed=3)
     shape = (2, 24, 16, arch.num_key_value_heads, arch.head_dim)
-    caches = [torch.zeros(shape, dtype=dtype, device=DEVICE) for _ in range(arch.num_hidden_layers)]
+    if caches is None:
+        caches = [
+            torch.zeros(shape, dtype=dtype, device=DEVICE) for _ in range(arch.num_hidden_layers)
+        ]
     gen = torch.Generator().manual_seed(5)
     outs = []
     for steps in ([(0, 20, 20), (1, 9, 9)], [(0, 13, 33), (1, 1, 10)], [(0, 1, 34), (1, 1, 11)]):
@@ -80,4 +85,34 @@ def test_fused_equals_modules(model_dir, dtype):
         # one bf16 ulp now and then (norm reduction order) may flip later roundings
         assert rel < 2e-2
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean().item() > 0.9
+    assert torch.isfinite(fused).all()
+
+
+def test_kv_write_in_rotary_kernel_equals_separate_write(model_dir):
+    """The Triton backend as the runner sets it up (K/V stored by the q/k norm + rotary
+    kernel, then ``triton_attend``) gives the logits and cache bytes of the same
+    kernels with the separate write kernel (``triton_paged_attention``), bit for bit,
+    over prefill chunks, a cached prefix, mixed and decode steps. The Llama model runs
+    a bf16 cache, the Qwen3 one (q/k norm) an fp8 cache with scales; the kernel tests
+    cover every other combination (interpreted, each run here takes ~10 s)."""
+    dtype = torch.bfloat16
+    loaded = load_model(model_dir, dtype=dtype, device=DEVICE, progress=False)
+    model, arch = loaded.model.eval(), loaded.arch
+    kv_dtype, scales = (torch.float8_e4m3fn, (0.5, 0.02)) if arch.qk_norm else (dtype, (1.0, 1.0))
+    model.fuse_projections()
+    layers = arch.num_hidden_layers
+    model.set_kv_scales([scales[0]] * layers, [scales[1]] * layers)
+    shape = (2, 24, 16, arch.num_key_value_heads, arch.head_dim)
+
+    def run(attend) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.set_attention_backend(triton_paged_attention, attend)
+        caches = [torch.zeros(shape, dtype=kv_dtype, device=DEVICE) for _ in range(layers)]
+        return _logits(model, arch, dtype, True, caches), caches
+
+    separate, separate_caches = run(None)
+    fused, fused_caches = run(triton_attend)
+    assert torch.equal(fused, separate)
+    for got, want in zip(fused_caches, separate_caches, strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert any(c.view(torch.uint8).any() for c in fused_caches)  # something was written
     assert torch.isfinite(fused).all()

@@ -3,7 +3,10 @@
 :func:`triton_paged_attention` has the signature and meaning of
 :func:`~lmfleet.engine.layers.attention.paged_attention`: it stores one layer's new
 keys and values in the paged cache, then every sequence's new queries attend to its
-whole context, reading K/V in place through the block table. Two launches per layer:
+whole context, reading K/V in place through the block table. Two launches per layer
+(:func:`triton_attend` is the second alone, for a cache that the fused q/k norm +
+rotary kernel of ``triton_fused`` has already written, which is how the runner uses
+it):
 
 - ``_write_kv_kernel``: one program per new token copies its K and V rows to slot
   ``slot_mapping[t]`` (a negative slot is padding and is skipped).
@@ -47,6 +50,11 @@ _LOG2E = 1.4426950408889634
 #: the running max starts finite, so rows that see no key give exp2(-inf) = 0, not NaN
 _NEG_INIT = -1.0e30
 
+#: the fp8 rounding helper the kernels call, set by :func:`_kernels` (a module global:
+#: jitted functions resolve callees through their globals); the fused kernels of
+#: ``triton_fused`` call it too
+_fp8_grid: Any = None
+
 
 class TritonUnavailable(RuntimeError):
     """Triton is not installed or cannot run here; not recoverable in this process.
@@ -86,6 +94,26 @@ def import_triton(what: str) -> tuple[Any, Any]:
 def _kernels() -> dict[str, Any]:
     """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
     triton, tl = import_triton("the Triton attention backend")
+    global _fp8_grid
+
+    def _fp8_grid_impl(x, FP8_MAX: tl.constexpr):
+        """fp32 ``x`` saturated to +-FP8_MAX (NaN stays NaN) and rounded to the nearest
+        e4m3 value (ties to even), returned as fp32, so that the cast to float8 that
+        follows is exact on every backend and stores the bytes of torch's cast (the
+        interpreter's own fp8 cast truncates subnormals and rounds ties away from
+        zero). The fp32 adder does the rounding: adding 2^23 ulps of the e4m3 spacing
+        at |x| (2^-9 below 2^-6) drops the bits below that spacing."""
+        x = tl.maximum(x, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        x = tl.minimum(x, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        bits = x.to(tl.int32, bitcast=True)
+        # biased exponent of 2^23 e4m3 spacings: fp32 exponent - 3 mantissa bits + 23
+        magic = ((tl.maximum((bits >> 23) & 0xFF, 121) + 20) << 23).to(tl.float32, bitcast=True)
+        mag = (tl.abs(x) + magic) - magic
+        return tl.where(bits < 0, -mag, mag)  # the sign bit: -0 stays -0
+
+    # a plain function in the interpreter, where a jitted callee would re-patch the
+    # language on every call (see triton_fused._round_to)
+    _fp8_grid = _fp8_grid_impl if _interpreting() else triton.jit(_fp8_grid_impl)
 
     @triton.jit
     def _write_kv_kernel(
@@ -116,32 +144,9 @@ def _kernels() -> dict[str, Any]:
             mask = (h < N_KV) & (d < HEAD_DIM)
             k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
             v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-            if FP8_MAX > 0:
-                # saturate and round to the e4m3 grid in fp32 (exact for bf16/fp16 inputs;
-                # the interpreter has no bf16 arithmetic), round to nearest even by the fp32
-                # adder: adding 2^23 ulps of the e4m3 spacing at |x| (2^-9 below 2^-6)
-                # drops the bits below that spacing. The cast that follows is then exact,
-                # so every backend stores the bytes of torch's cast; the interpreter's own
-                # fp8 cast truncates subnormals and rounds ties away from zero.
-                k = k.to(tl.float32) * k_inv_scale  # exact when the scale is 1.0
-                v = v.to(tl.float32) * v_inv_scale
-                k = tl.maximum(k, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-                k = tl.minimum(k, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-                v = tl.maximum(v, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-                v = tl.minimum(v, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-                k_bits = k.to(tl.int32, bitcast=True)
-                v_bits = v.to(tl.int32, bitcast=True)
-                # biased exponent of 2^23 e4m3 spacings: fp32 exponent - 3 mantissa bits + 23
-                k_magic = ((tl.maximum((k_bits >> 23) & 0xFF, 121) + 20) << 23).to(
-                    tl.float32, bitcast=True
-                )
-                v_magic = ((tl.maximum((v_bits >> 23) & 0xFF, 121) + 20) << 23).to(
-                    tl.float32, bitcast=True
-                )
-                k_abs = (tl.abs(k) + k_magic) - k_magic
-                v_abs = (tl.abs(v) + v_magic) - v_magic
-                k = tl.where(k_bits < 0, -k_abs, k_abs)  # the sign bit: -0 stays -0
-                v = tl.where(v_bits < 0, -v_abs, v_abs)
+            if FP8_MAX > 0:  # scale in fp32 (exact for bf16/fp16 inputs), then round
+                k = _fp8_grid(k.to(tl.float32) * k_inv_scale, FP8_MAX)
+                v = _fp8_grid(v.to(tl.float32) * v_inv_scale, FP8_MAX)
             dst = cache_ptr + slot * cache_slot_stride + h * cache_head_stride + d
             tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + cache_kv_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -471,6 +476,22 @@ def triton_paged_attention(
     Triton is missing.
     """
     triton_write_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+    return triton_attend(q, kv_cache, meta, scale, k_scale, v_scale)
+
+
+def triton_attend(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """The attention half of :func:`triton_paged_attention`, over a cache that already
+    holds this step's K/V (written by :func:`triton_write_kv` or by
+    :func:`~lmfleet.engine.layers.triton_fused.qk_norm_rope_write_kv`): the split-K
+    decode kernel for decode steps too small to fill the GPU, else the varlen kernel.
+    Returns (T, n_heads, hd)."""
     if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
         # a decode step too small to fill the GPU: split each context (flash decoding)
         from lmfleet.engine.layers.triton_decode import decode_splits_for, triton_decode_attention
@@ -510,6 +531,7 @@ __all__ = [
     "TritonUnavailable",
     "attention_backend",
     "fp8_kv_supported",
+    "triton_attend",
     "triton_attention",
     "triton_available",
     "triton_paged_attention",

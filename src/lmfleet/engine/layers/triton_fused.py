@@ -9,6 +9,9 @@ tensor shapes (no ``.item()``, no host syncs), so they can be captured in CUDA g
 - :func:`fused_add_rms_norm`: the residual add followed by that norm.
 - :func:`qk_norm_rope`: Qwen3's per-head q/k RMSNorm (optional) and the rotate-half
   rotary embedding of :mod:`lmfleet.engine.layers.rotary`, for q and k in one launch.
+- :func:`qk_norm_rope_write_kv`: the same, with the rotated keys and the values
+  stored straight into the paged KV cache (what ``triton_write_kv`` stores, bytes
+  included for fp8), so the layer's separate K/V write launch goes away.
 - :func:`silu_and_mul`: ``F.silu(gate) * up`` over a fused gate/up projection.
 
 Rounding follows the torch reference step by step: every op the reference does in
@@ -50,7 +53,11 @@ from typing import Any
 
 import torch
 
+from lmfleet.engine.layers import triton_attention
+from lmfleet.engine.layers.attention import FP8_KV_MAX, check_kv_scales, inverse_scale, is_fp8
 from lmfleet.engine.layers.triton_attention import (
+    _check_cache,
+    _check_fp8_device,
     _interpreting,
     import_triton,
 )
@@ -68,6 +75,8 @@ _QK_BLOCK = 1024
 #: because jitted functions resolve callees through their globals (closures are
 #: invisible to the compiler and to the interpreter).
 _round_to: Any = None
+#: ``triton_attention``'s fp8 rounding helper, the same way
+_fp8_grid: Any = None
 
 
 def _kind(dtype: torch.dtype, what: str) -> int:
@@ -86,7 +95,9 @@ def _num_warps(block: int) -> int:
 def _kernels() -> dict[str, Any]:
     """Compile-on-first-use kernels, built once; raises ``TritonUnavailable``."""
     triton, tl = import_triton("the fused Triton kernels")
-    global _round_to
+    global _round_to, _fp8_grid
+    triton_attention._kernels()  # defines the fp8 rounding helper
+    _fp8_grid = triton_attention._fp8_grid
 
     def _round_to_impl(x, KIND: tl.constexpr):
         """fp32 ``x`` rounded (to nearest, ties to even) to the dtype ``KIND``
@@ -148,17 +159,27 @@ def _kernels() -> dict[str, Any]:
         sin_ptr,
         qw_ptr,
         kw_ptr,
+        v_ptr,  # WRITE_KV only: the values, (T, n_kv, hd) strided
+        cache_ptr,  # WRITE_KV only: one layer's (2, blocks, block_size, n_kv, hd) cache
+        slot_ptr,  # WRITE_KV only: (T,) flat cache slots, < 0 for padding tokens
+        k_inv_scale,  # fp32 1 / k_scale (fp8 caches only)
+        v_inv_scale,
         eps,
         stride_qt,
         stride_qh,
         stride_kt,
         stride_kh,
+        stride_vt,
+        stride_vh,
         stride_qot,
         stride_qoh,
         stride_kot,
         stride_koh,
         stride_cos,
         stride_sin,
+        cache_kv_stride,
+        cache_slot_stride,
+        cache_head_stride,
         N_Q: tl.constexpr,  # query heads
         N_KV: tl.constexpr,  # key heads
         Q_BLOCKS: tl.constexpr,  # programs along axis 1 that take query heads; the rest keys
@@ -169,6 +190,8 @@ def _kernels() -> dict[str, Any]:
         HAS_NORM: tl.constexpr,
         X_KIND: tl.constexpr,  # dtype of q and k
         O_KIND: tl.constexpr,  # dtype of the normed q/k, the rotary and the outputs
+        WRITE_KV: tl.constexpr,  # key programs store k and v into the cache, not k_out
+        FP8_MAX: tl.constexpr,  # > 0: an fp8 cache; scale, saturate and round on store
     ):
         t = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
@@ -207,8 +230,31 @@ def _kernels() -> dict[str, Any]:
         o1 = _round_to(_round_to(x1 * cos, O_KIND) - _round_to(x2 * sin, O_KIND), O_KIND)
         o2 = _round_to(_round_to(x2 * cos, O_KIND) + _round_to(x1 * sin, O_KIND), O_KIND)
         out_ty = qo_ptr.dtype.element_ty
-        tl.store(dst + d[None, :], o1.to(out_ty), mask=mask)
-        tl.store(dst + HALF + d[None, :], o2.to(out_ty), mask=mask)
+        # the constexpr test alone first: without WRITE_KV the cache path is not compiled
+        if not WRITE_KV:  # noqa: SIM114
+            tl.store(dst + d[None, :], o1.to(out_ty), mask=mask)
+            tl.store(dst + HALF + d[None, :], o2.to(out_ty), mask=mask)
+        elif blk < Q_BLOCKS:
+            tl.store(dst + d[None, :], o1.to(out_ty), mask=mask)
+            tl.store(dst + HALF + d[None, :], o2.to(out_ty), mask=mask)
+        else:  # rotated keys and the values go to the token's cache slot, k_out unused
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:
+                vsrc = v_ptr + t * stride_vt + heads[:, None] * stride_vh  # (BH, 1)
+                v1 = tl.load(vsrc + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                v2 = tl.load(vsrc + HALF + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                if FP8_MAX > 0:  # scale in fp32 (exact: o1/o2 hold O_KIND values), round
+                    o1 = _fp8_grid(o1 * k_inv_scale, FP8_MAX)
+                    o2 = _fp8_grid(o2 * k_inv_scale, FP8_MAX)
+                    v1 = _fp8_grid(v1 * v_inv_scale, FP8_MAX)
+                    v2 = _fp8_grid(v2 * v_inv_scale, FP8_MAX)
+                cty = cache_ptr.dtype.element_ty
+                kdst = cache_ptr + slot * cache_slot_stride + heads[:, None] * cache_head_stride
+                vdst = kdst + cache_kv_stride
+                tl.store(kdst + d[None, :], o1.to(cty), mask=mask)
+                tl.store(kdst + HALF + d[None, :], o2.to(cty), mask=mask)
+                tl.store(vdst + d[None, :], v1.to(cty), mask=mask)
+                tl.store(vdst + HALF + d[None, :], v2.to(cty), mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -247,15 +293,8 @@ def _kernels() -> dict[str, Any]:
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)  # (K,)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.maximum(tl.div_rn(amax, FP8_MAX), MIN_SCALE)
-        y = tl.div_rn(x, scale)
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        # round to the e4m3 grid (nearest even) with the fp32 adder, as the fp8 KV write
-        # in triton_attention does: the cast below is then exact on every backend (the
-        # interpreter's own fp8 cast can land a binade too low)
-        bits = y.to(tl.int32, bitcast=True)
-        magic = ((tl.maximum((bits >> 23) & 0xFF, 121) + 20) << 23).to(tl.float32, bitcast=True)
-        mag = (tl.abs(y) + magic) - magic
-        y = tl.where(bits < 0, -mag, mag)
+        # saturated and on the e4m3 grid: the cast below is then exact on every backend
+        y = _fp8_grid(tl.div_rn(x, scale), FP8_MAX)
         tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty), mask=ok)
         tl.store(scale_ptr + row, scale)
 
@@ -383,91 +422,231 @@ def qk_norm_rope(
     ``q`` and ``k`` (each program reads its whole head before writing it) and those are
     returned. The output dtype is ``q``'s, or ``promote_types(weight, q)`` with a norm.
     """
-    kern = _kernels()
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("q_weight and k_weight must both be given or both be None")
     q_in, k_in = q, k
-    q, k = _check_heads("q", q), _check_heads("k", k)
-    if inplace and (q is not q_in or k is not k_in):
-        raise ValueError("inplace=True needs q and k with a contiguous last dimension")
-    num_tokens, n_heads, head_dim = q.shape
-    n_kv = k.shape[1]
-    if k.shape[0] != num_tokens or k.shape[2] != head_dim or k.dtype != q.dtype:
-        raise ValueError(
-            f"k {tuple(k.shape)} {k.dtype} does not match q {tuple(q.shape)} {q.dtype}"
-        )
-    if head_dim % 2:
-        raise ValueError(f"rotary head_dim must be even, got {head_dim}")
-    half = head_dim // 2
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"positions must be ({num_tokens},), got {tuple(positions.shape)}")
-    for name, table in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
-        if table.dim() != 2 or table.shape[1] != half:
-            raise ValueError(f"{name} must be (max_pos, {half}), got {tuple(table.shape)}")
-    if cos_cache.stride(-1) != 1:
-        cos_cache = cos_cache.contiguous()
-    if sin_cache.stride(-1) != 1:
-        sin_cache = sin_cache.contiguous()
-    x_kind = _kind(q.dtype, "q")
-    out_dtype = q.dtype
-    if q_weight is not None and k_weight is not None:
-        if q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,):
-            raise ValueError(f"q_weight and k_weight must be ({head_dim},)")
-        if q_weight.dtype != k_weight.dtype:
-            raise ValueError("q_weight and k_weight must have the same dtype")
-        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
-        out_dtype = torch.promote_types(q_weight.dtype, q.dtype)
-    o_kind = _kind(out_dtype, "the normed q")
+    qk = _QKLaunch.check(q, k, positions, cos_cache, sin_cache, q_weight, k_weight)
     if inplace:
-        if out_dtype != q.dtype:
-            raise ValueError(f"inplace=True cannot store {out_dtype} results into {q.dtype} q/k")
-        q_out, k_out = q, k
+        if qk.q is not q_in or qk.k is not k_in:
+            raise ValueError("inplace=True needs q and k with a contiguous last dimension")
+        if qk.out_dtype != q.dtype:
+            raise ValueError(f"inplace=True cannot store {qk.out_dtype} results into {q.dtype} q/k")
+        q_out, k_out = qk.q, qk.k
     else:
-        q_out = torch.empty(num_tokens, n_heads, head_dim, dtype=out_dtype, device=q.device)
-        k_out = torch.empty(num_tokens, n_kv, head_dim, dtype=out_dtype, device=q.device)
-    if num_tokens == 0:
-        return q_out, k_out
-    nxt = kern["next_power_of_2"]
-    half_pad = nxt(half)
-    # a block of heads per program: up to _QK_BLOCK elements, no more heads than k has
-    block_h = max(1, min(nxt(n_kv), _QK_BLOCK // (2 * half_pad)))
-    q_blocks = kern["cdiv"](n_heads, block_h)
-    grid = (num_tokens, q_blocks + kern["cdiv"](n_kv, block_h))
-    kern["qk_norm_rope"][grid](
-        q,
-        k,
-        q_out,
-        k_out,
-        positions,
-        cos_cache,
-        sin_cache,
-        q if q_weight is None else q_weight,  # unused without a norm
-        k if k_weight is None else k_weight,
-        eps,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        q_out.stride(0),
-        q_out.stride(1),
-        k_out.stride(0),
-        k_out.stride(1),
-        cos_cache.stride(0),
-        sin_cache.stride(0),
-        N_Q=n_heads,
-        N_KV=n_kv,
-        Q_BLOCKS=q_blocks,
-        BLOCK_H=block_h,
-        HEAD_DIM=head_dim,
-        HALF=half,
-        HALF_PAD=half_pad,
-        HAS_NORM=q_weight is not None,
-        X_KIND=x_kind,
-        O_KIND=o_kind,
-        num_warps=_num_warps(block_h * 2 * half_pad),
-        enable_fp_fusion=False,
-    )
+        q_out = torch.empty(qk.q.shape, dtype=qk.out_dtype, device=q.device)
+        k_out = torch.empty(qk.k.shape, dtype=qk.out_dtype, device=q.device)
+    qk.launch(q_out, k_out, eps)
     return q_out, k_out
+
+
+def qk_norm_rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`qk_norm_rope`, with the rotated keys and the values stored straight into
+    the paged cache, in one launch; returns the rotated queries (T, n_heads, hd).
+
+    Does what ``qk_norm_rope`` followed by
+    :func:`~lmfleet.engine.layers.triton_attention.triton_write_kv` does, byte for byte
+    in the cache, one launch and one (T, n_kv, hd) round trip through memory fewer: the
+    programs that rotate a block of key heads write those heads and the matching
+    value heads to slot ``slot_mapping[t]`` of ``kv_cache`` (2, num_blocks,
+    block_size, n_kv, hd); a negative slot (a padding token) is skipped. ``v`` is
+    (T, n_kv, hd), any strides with a contiguous last dimension. An fp8 cache stores
+    ``fp8(clamp(x * fp32(1 / scale)))`` with ``k_scale``/``v_scale``, as
+    ``triton_write_kv`` does. A cache of another float dtype than the rotated keys
+    (``promote_types(weight, q)``) is written by the separate kernel instead, so that
+    every cast matches ``triton_write_kv``'s.
+    """
+    qk = _QKLaunch.check(q, k, positions, cos_cache, sin_cache, q_weight, k_weight)
+    _check_cache(kv_cache)
+    check_kv_scales(kv_cache, k_scale, v_scale)
+    if v.shape != qk.k.shape:
+        raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(qk.k.shape)}")
+    if kv_cache.shape[3:] != qk.k.shape[1:]:
+        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not match k {tuple(qk.k.shape)}")
+    if slot_mapping.shape != (qk.q.shape[0],):
+        raise ValueError(
+            f"slot_mapping must be ({qk.q.shape[0]},), got {tuple(slot_mapping.shape)}"
+        )
+    fp8 = is_fp8(kv_cache.dtype)
+    q_out = torch.empty(qk.q.shape, dtype=qk.out_dtype, device=q.device)
+    if not fp8 and kv_cache.dtype != qk.out_dtype:
+        k_out = torch.empty(qk.k.shape, dtype=qk.out_dtype, device=q.device)
+        qk.launch(q_out, k_out, eps)
+        triton_attention.triton_write_kv(k_out, v, kv_cache, slot_mapping, k_scale, v_scale)
+        return q_out
+    if fp8:
+        _check_fp8_device(kv_cache.device)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
+        raise ValueError("kv_cache's blocks must be laid out back to back")
+    qk.launch(
+        q_out,
+        None,
+        eps,
+        cache=_CacheWrite(
+            v, kv_cache, slot_mapping, inverse_scale(k_scale), inverse_scale(v_scale), fp8
+        ),
+    )
+    return q_out
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheWrite:
+    """Where :func:`qk_norm_rope_write_kv`'s key programs store K and V."""
+
+    v: torch.Tensor  # (T, n_kv, hd), last dimension contiguous
+    kv_cache: torch.Tensor  # (2, num_blocks, block_size, n_kv, hd)
+    slot_mapping: torch.Tensor  # (T,)
+    k_inv_scale: float
+    v_inv_scale: float
+    fp8: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _QKLaunch:
+    """Checked arguments of the q/k norm + rotary kernel (see :func:`qk_norm_rope`)."""
+
+    q: torch.Tensor  # (T, n_heads, hd), last dimension contiguous
+    k: torch.Tensor  # (T, n_kv, hd), likewise
+    positions: torch.Tensor
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    x_kind: int
+    out_dtype: torch.dtype
+
+    @classmethod
+    def check(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        cos_cache: torch.Tensor,
+        sin_cache: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+    ) -> _QKLaunch:
+        _kernels()
+        if (q_weight is None) != (k_weight is None):
+            raise ValueError("q_weight and k_weight must both be given or both be None")
+        q, k = _check_heads("q", q), _check_heads("k", k)
+        num_tokens, _, head_dim = q.shape
+        if k.shape[0] != num_tokens or k.shape[2] != head_dim or k.dtype != q.dtype:
+            raise ValueError(
+                f"k {tuple(k.shape)} {k.dtype} does not match q {tuple(q.shape)} {q.dtype}"
+            )
+        if head_dim % 2:
+            raise ValueError(f"rotary head_dim must be even, got {head_dim}")
+        half = head_dim // 2
+        if positions.shape != (num_tokens,):
+            raise ValueError(f"positions must be ({num_tokens},), got {tuple(positions.shape)}")
+        for name, table in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+            if table.dim() != 2 or table.shape[1] != half:
+                raise ValueError(f"{name} must be (max_pos, {half}), got {tuple(table.shape)}")
+        if cos_cache.stride(-1) != 1:
+            cos_cache = cos_cache.contiguous()
+        if sin_cache.stride(-1) != 1:
+            sin_cache = sin_cache.contiguous()
+        x_kind = _kind(q.dtype, "q")
+        out_dtype = q.dtype
+        if q_weight is not None and k_weight is not None:
+            if q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,):
+                raise ValueError(f"q_weight and k_weight must be ({head_dim},)")
+            if q_weight.dtype != k_weight.dtype:
+                raise ValueError("q_weight and k_weight must have the same dtype")
+            q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+            out_dtype = torch.promote_types(q_weight.dtype, q.dtype)
+        _kind(out_dtype, "the normed q")
+        return cls(q, k, positions, cos_cache, sin_cache, q_weight, k_weight, x_kind, out_dtype)
+
+    def launch(
+        self,
+        q_out: torch.Tensor,
+        k_out: torch.Tensor | None,
+        eps: float,
+        cache: _CacheWrite | None = None,
+    ) -> None:
+        """Rotated q into ``q_out``; rotated k into ``k_out``, or with ``cache`` k and
+        v into the cache (``k_out`` unused)."""
+        kern = _kernels()
+        q, k = self.q, self.k
+        num_tokens, n_heads, head_dim = q.shape
+        n_kv = k.shape[1]
+        if num_tokens == 0:
+            return
+        nxt = kern["next_power_of_2"]
+        half = head_dim // 2
+        half_pad = nxt(half)
+        # a block of heads per program: up to _QK_BLOCK elements, no more heads than k has
+        block_h = max(1, min(nxt(n_kv), _QK_BLOCK // (2 * half_pad)))
+        q_blocks = kern["cdiv"](n_heads, block_h)
+        grid = (num_tokens, q_blocks + kern["cdiv"](n_kv, block_h))
+        if cache is None:
+            assert k_out is not None
+            v, kv_cache, slots, k_inv, v_inv = k, k, self.positions, 1.0, 1.0
+            cache_strides = (0, 0, 0)
+        else:
+            v, kv_cache, slots = cache.v, cache.kv_cache, cache.slot_mapping
+            k_inv, v_inv = cache.k_inv_scale, cache.v_inv_scale
+            k_out = q_out  # unused: the key programs write the cache
+            cache_strides = (kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3))
+        kern["qk_norm_rope"][grid](
+            q,
+            k,
+            q_out,
+            k_out,
+            self.positions,
+            self.cos_cache,
+            self.sin_cache,
+            q if self.q_weight is None else self.q_weight,  # unused without a norm
+            k if self.k_weight is None else self.k_weight,
+            v,
+            kv_cache,
+            slots,
+            k_inv,
+            v_inv,
+            eps,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            k_out.stride(0),
+            k_out.stride(1),
+            self.cos_cache.stride(0),
+            self.sin_cache.stride(0),
+            *cache_strides,
+            N_Q=n_heads,
+            N_KV=n_kv,
+            Q_BLOCKS=q_blocks,
+            BLOCK_H=block_h,
+            HEAD_DIM=head_dim,
+            HALF=half,
+            HALF_PAD=half_pad,
+            HAS_NORM=self.q_weight is not None,
+            X_KIND=self.x_kind,
+            O_KIND=_kind(self.out_dtype, "the normed q"),
+            WRITE_KV=cache is not None,
+            FP8_MAX=FP8_KV_MAX if cache is not None and cache.fp8 else 0.0,
+            num_warps=_num_warps(block_h * 2 * half_pad),
+            enable_fp_fusion=False,
+        )
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -545,19 +724,23 @@ class FusedOps:
     ]
     qk_norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    #: ``qk_norm_rope`` that also stores K/V into the cache and returns q alone; the
+    #: layer uses it when its attention backend can attend over a written cache
+    qk_norm_rope_write_kv: Callable[..., torch.Tensor] | None = None
 
 
 def triton_fused_ops() -> FusedOps:
     """The Triton kernels of this module as :class:`FusedOps`; raises
     :class:`TritonUnavailable` when Triton is missing."""
     _kernels()
-    return FusedOps(rms_norm, fused_add_rms_norm, qk_norm_rope, silu_and_mul)
+    return FusedOps(rms_norm, fused_add_rms_norm, qk_norm_rope, silu_and_mul, qk_norm_rope_write_kv)
 
 
 __all__ = [
     "FusedOps",
     "fused_add_rms_norm",
     "qk_norm_rope",
+    "qk_norm_rope_write_kv",
     "quantize_fp8_rows",
     "rms_norm",
     "silu_and_mul",

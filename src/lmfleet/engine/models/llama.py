@@ -51,6 +51,10 @@ class LlamaAttention(nn.Module):
         self._rotary = (rotary,)
         #: the paged-attention backend (CPU reference or Triton), same signature
         self.attn_fn = paged_attention
+        #: the backend's attention over a cache that already holds the step's K/V, when
+        #: it has one: with fused ops, the q/k norm + rotary kernel then writes K/V
+        #: (see ``set_attention_backend``)
+        self.attend_fn: Callable[..., torch.Tensor] | None = None
         #: an fp8 KV cache's scales for this layer (see ``set_kv_scales``)
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -75,8 +79,28 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
         v = v.view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
         rotary = self._rotary[0]
-        if self.ops is not None:  # (T, n_heads, hd), (T, n_kv, hd), new and contiguous
-            q, k = self.ops.qk_norm_rope(
+        ops = self.ops
+        if ops is not None and ops.qk_norm_rope_write_kv and self.attend_fn is not None:
+            # one launch rotates q and k and stores k and v in their cache slots
+            q = ops.qk_norm_rope_write_kv(
+                q,
+                k,
+                v,
+                positions,
+                rotary.cos_cache,
+                rotary.sin_cache,
+                None if self.q_norm is None else self.q_norm.weight,
+                None if self.k_norm is None else self.k_norm.weight,
+                self.eps,
+                kv_cache,
+                meta.slot_mapping,
+                self.k_scale,
+                self.v_scale,
+            )  # (T, n_heads, hd)
+            out = self.attend_fn(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+            return self.o_proj(out.reshape(num_tokens, self.n_heads * self.head_dim))
+        if ops is not None:  # (T, n_heads, hd), (T, n_kv, hd), new and contiguous
+            q, k = ops.qk_norm_rope(
                 q,
                 k,
                 positions,
@@ -250,11 +274,20 @@ class LlamaForCausalLM(nn.Module):
             layer.ops = layer.self_attn.ops = layer.mlp.ops = ops
         self.ops = ops
 
-    def set_attention_backend(self, fn: Callable[..., torch.Tensor]) -> None:
+    def set_attention_backend(
+        self,
+        fn: Callable[..., torch.Tensor],
+        attend_fn: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
         """Route every layer's attention through ``fn`` (same signature as
-        :func:`~lmfleet.engine.layers.attention.paged_attention`)."""
+        :func:`~lmfleet.engine.layers.attention.paged_attention`: writes K/V, then
+        attends). ``attend_fn`` (``(q, kv_cache, meta, scale, k_scale, v_scale)``, e.g.
+        :func:`~lmfleet.engine.layers.triton_attention.triton_attend`) is the same
+        backend's attention alone: with fused ops that can write the cache, layers then
+        store K/V from their q/k norm + rotary kernel and call it instead of ``fn``."""
         for layer in self.model.layers:
             layer.self_attn.attn_fn = fn
+            layer.self_attn.attend_fn = attend_fn
 
     def set_kv_scales(self, k: Sequence[float], v: Sequence[float]) -> None:
         """Each layer's fp8 KV-cache scales (1.0 for a cache in the model dtype); plain
