@@ -590,8 +590,11 @@ def phase_batch1_eager(args, model_dir: str) -> Callable[[float], dict]:
     event), at batch 1 and at batch 64 with 512-token contexts."""
 
     def run(cap: float) -> dict:
+        # the batch profile's sequences must all fit at once: 64 x ~520 tokens of
+        # Qwen3-0.6B's 112 KiB per token is ~3.7 GiB (1 GiB would run them in waves)
+        kv_bytes = (1 << 30) if args.smoke else (8 << 30)
         llm = make_llm(
-            model_dir, args.device, args.dtype, kv_cache_memory_bytes=1 << 30, enforce_eager=True
+            model_dir, args.device, args.dtype, kv_cache_memory_bytes=kv_bytes, enforce_eager=True
         )
         warm_up(llm)
         rec = _batch1(llm, llm.core.vocab_size)
@@ -622,6 +625,7 @@ def _profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict:
     ):
         core.step()  # prefill (and the first decode steps of early finishers)
     core.step()
+    running = core.scheduler.num_running  # what the steps below really decode
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -644,6 +648,7 @@ def _profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict:
     total = sum(r[2] for r in rows)
     return {
         "batch": batch,
+        "running": running,
         "context": prompt_len,
         "steps": steps,
         "device_us_per_step" if cuda else "cpu_us_per_step": round(total / steps, 1),

@@ -135,3 +135,43 @@ def test_stop_string_ends_stream(tiny_model_dir, async_scheduling):
     text, _, last = run(main())
     assert text == full[: full.index(stop)]
     assert last.finish_reason is FinishReason.STOP and last.stop_reason == stop
+
+
+def test_bind_device_sets_the_current_cuda_device(monkeypatch):
+    """Triton launches on the thread's current CUDA device: ``cuda:1`` must become it;
+    a CPU device leaves CUDA alone."""
+    import torch
+
+    from lmfleet.engine import runner
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    runner.bind_device(torch.device("cuda", 1))
+    runner.bind_device(torch.device("cpu"))
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_engine_loop_thread_binds_the_runner_device(tiny_model_dir, monkeypatch):
+    """The model loads on one thread and steps on another: the engine loop binds the
+    runner's device before its first step (the current CUDA device is per thread)."""
+    import threading
+
+    from lmfleet.engine import async_engine
+
+    bound = []
+    monkeypatch.setattr(
+        async_engine,
+        "bind_device",
+        lambda device: bound.append((threading.current_thread().name, str(device))),
+    )
+
+    async def main():
+        engine = await started(tiny_model_dir)
+        try:
+            _, toks, _ = await collect(engine, "hi", SamplingParams(max_tokens=2, ignore_eos=True))
+        finally:
+            await engine.shutdown()
+        return toks
+
+    assert len(run(main())) == 2
+    assert bound == [("lmfleet-engine", "cpu")]

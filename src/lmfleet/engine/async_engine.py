@@ -37,6 +37,7 @@ from lmfleet.engine.core_process import (
 )
 from lmfleet.engine.output_processor import OutputProcessor
 from lmfleet.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from lmfleet.engine.runner import ModelRunner, bind_device
 from lmfleet.engine.tokenizer import Tokenizer, load_tokenizer
 from lmfleet.errors import DuplicateRequestId, EngineDead, RequestRejected
 
@@ -228,6 +229,8 @@ class AsyncEngine:
         core = self.core
         if core is None:  # _load runs before the thread starts
             raise EngineDead("engine loop started before the model was loaded")
+        if isinstance(core.runner, ModelRunner):  # loaded on another thread
+            bind_device(core.runner.device)
         try:
             while not self._stop.is_set():
                 self._wake.clear()

@@ -155,6 +155,9 @@ class DecodeGraphs:
             return 0.0
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
+        # torch.cuda.graph empties the allocator's cache before every capture: empty it
+        # here too, and again at the end, so the difference is the graphs' own pool
+        torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         for n, size in enumerate(reversed(self.sizes), 1):
@@ -164,13 +167,16 @@ class DecodeGraphs:
             self.forward(ids, positions, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: a CUDA call from another thread (the server's /metrics reads
+            # free memory) must not invalidate the capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self.forward(ids, positions, meta)  # (size, hidden)
             self._graphs[size] = graph
             self._outputs[size] = out
             if progress is not None:
                 progress(n, len(self.sizes))
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the eager warm-ups' blocks; the graphs' pool stays
         self.capture_seconds = time.perf_counter() - t0
         self.capture_bytes = max(torch.cuda.memory_reserved(self.device) - reserved, 0)
         return self.capture_seconds

@@ -57,6 +57,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+def bind_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (no-op elsewhere).
+
+    Triton launches on the thread's current device and stream whatever device its
+    tensors are on, and ``torch.cuda.graph`` captures there too: with ``--device
+    cuda:1`` and nothing else, kernels would go to GPU 0 with GPU 1's pointers. The
+    current device is per thread, so every thread that runs the model calls this
+    (the loading thread in :class:`ModelRunner`, the engine loop)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
     """``auto``: float32 on CPU; the checkpoint's half type on an accelerator."""
     if name != "auto":
@@ -113,6 +125,7 @@ class ModelRunner:
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = torch.device(model_config.device)
+        bind_device(self.device)
         self.model_dir = model_config.model
         from lmfleet.engine.models.config import ArchConfig
 
