@@ -109,7 +109,9 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
         default="none",
         choices=list(QUANTIZATIONS),
         help="weight quantization of the decoder layers (embeddings and lm_head stay in "
-        f"--dtype). {describe_choices(QUANTIZATIONS)} (default: %(default)s)",
+        f"--dtype). {describe_choices(QUANTIZATIONS)} (default: %(default)s). A checkpoint "
+        "stored in fp8 (llm-compressor FP8/FP8_DYNAMIC, AutoFP8) serves its own fp8 weights "
+        "with none or fp8",
     )
     g.add_argument(
         "--kv-cache-dtype",

@@ -130,6 +130,12 @@ class ModelRunner:
         from lmfleet.engine.models.config import ArchConfig
 
         arch = ArchConfig.from_dir(model_config.model)
+        if arch.quantization is not None and model_config.quantization not in (None, "fp8"):
+            raise ConfigError(
+                f"quantization: {model_config.model} already holds fp8 weights; "
+                f"--quantization {model_config.quantization} cannot requantize them (drop "
+                "the flag, or load the unquantized checkpoint)"
+            )
         self.dtype = resolve_dtype(model_config.dtype, self.device, arch.torch_dtype)
         self.kv_dtype = torch.float8_e4m3fn if cache_config.kv_cache_dtype == "fp8" else self.dtype
         loaded = load_model(
@@ -148,7 +154,9 @@ class ModelRunner:
             self.model.set_fused_ops(triton_fused_ops())
         else:
             self.model.set_attention_backend(self.attn_fn)
-        if model_config.quantization is not None:
+        #: the weights' quantization: the checkpoint's own, or --quantization's
+        self.quantization = loaded.quantization or model_config.quantization
+        if loaded.quantization is None and model_config.quantization is not None:
             count = quantize_model(self.model, model_config.quantization)
             logger.info("quantized %d linear layers to %s", count, model_config.quantization)
             if self.device.type == "cuda":

@@ -119,6 +119,15 @@ def _quantize_fp8_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric fp8: ``weight`` (out, in) -> (float8 e4m3 (out, in),
+    float32 scales (out,)) with ``weight ~ q * scale[:, None]``, the largest |w| of a
+    row mapping to 448."""
+    scale = _channel_scales(weight, FP8_MAX)  # (out,)
+    w_q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return w_q, scale
+
+
 class Fp8Linear(QuantizedLinear):
     """float8 e4m3 weights (out, in) with per-output-channel float32 scales (out,).
 
@@ -152,10 +161,41 @@ class Fp8Linear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
         w = linear.weight.detach()
-        scale = _channel_scales(w, FP8_MAX)  # (out,)
-        w_q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        w_q, scale = quantize_fp8_weight(w)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(w_q, scale, bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
+        """An uninitialised stand-in for ``linear`` on ``linear``'s device (``meta``
+        while a checkpoint loads), to be filled with stored fp8 weights and scales."""
+        device = linear.weight.device
+        out, inp = linear.out_features, linear.in_features
+        bias = None
+        if linear.bias is not None:
+            bias = torch.empty(out, dtype=linear.bias.dtype, device=device)
+        return cls(
+            torch.empty(out, inp, dtype=FP8_DTYPE, device=device),
+            torch.empty(out, dtype=torch.float32, device=device),
+            bias,
+        )
+
+    @classmethod
+    def concat(cls, layers: Iterable[Fp8Linear]) -> Fp8Linear:
+        """One layer whose output is ``layers``' outputs side by side (fp8 rows and
+        per-row scales stacked: per-channel scaling makes this exact)."""
+        layers = list(layers)
+        if len({lin.in_features for lin in layers}) != 1:
+            raise ValueError("concatenated layers must share in_features")
+        if len({lin.bias is None for lin in layers}) != 1:
+            raise ValueError("either every concatenated layer has a bias or none has")
+        # float8 has no cat kernel on every backend: stack the bytes
+        weight = torch.cat([lin.weight.view(torch.uint8) for lin in layers]).view(FP8_DTYPE)
+        scale = torch.cat([lin.scale for lin in layers])
+        bias = None
+        if layers[0].bias is not None:
+            bias = torch.cat([lin.bias for lin in layers if lin.bias is not None])
+        return cls(weight, scale, bias, use_scaled_mm=layers[0].use_scaled_mm)
 
     def _scaled_mm_on(self, x: torch.Tensor) -> bool:
         if self.use_scaled_mm is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmfleet.engine.models.quant_config import CheckpointQuantization, parse_quantization_config
 from lmfleet.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
@@ -63,6 +64,8 @@ class ArchConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    #: the checkpoint's own fp8 weight quantization (``quantization_config``), if any
+    quantization: CheckpointQuantization | None = None
     source: str = "config.json"
 
     def __post_init__(self) -> None:
@@ -188,6 +191,7 @@ class ArchConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=eos_ids,
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+            quantization=parse_quantization_config(raw.get("quantization_config"), source),
             source=source,
         )
 

@@ -20,6 +20,7 @@ from torch import nn
 from lmfleet.engine.layers.attention import paged_attention
 from lmfleet.engine.layers.attention_metadata import AttentionMetadata
 from lmfleet.engine.layers.norm import RMSNorm
+from lmfleet.engine.layers.quant import Fp8Linear
 from lmfleet.engine.layers.rotary import RotaryEmbedding
 from lmfleet.engine.layers.triton_fused import FusedOps
 from lmfleet.engine.models.config import ArchConfig
@@ -39,7 +40,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
         #: q, k and v in one GEMM once :meth:`fuse_projections` ran
-        self.qkv_proj: nn.Linear | None = None
+        self.qkv_proj: nn.Module | None = None
         self._qkv_sizes = (q_size, kv_size, kv_size)
         if cfg.qk_norm:
             self.q_norm: RMSNorm | None = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -121,10 +122,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.n_heads * self.head_dim))
 
     def fuse_projections(self) -> None:
-        """Replace ``q_proj``, ``k_proj`` and ``v_proj`` by one ``qkv_proj``."""
+        """Replace ``q_proj``, ``k_proj`` and ``v_proj`` by one ``qkv_proj`` (kept
+        apart when only some of them hold fp8 weights)."""
         if self.qkv_proj is None:
-            self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
-            del self.q_proj, self.k_proj, self.v_proj
+            fused = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+            if fused is not None:
+                self.qkv_proj = fused
+                del self.q_proj, self.k_proj, self.v_proj
 
 
 class LlamaMLP(nn.Module):
@@ -135,7 +139,7 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         #: gate and up in one GEMM once :meth:`fuse_projections` ran
-        self.gate_up_proj: nn.Linear | None = None
+        self.gate_up_proj: nn.Module | None = None
         #: the fused silu-and-multiply kernel when set (see ``set_fused_ops``)
         self.ops: FusedOps | None = None
 
@@ -150,15 +154,24 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def fuse_projections(self) -> None:
-        """Replace ``gate_proj`` and ``up_proj`` by one ``gate_up_proj``."""
+        """Replace ``gate_proj`` and ``up_proj`` by one ``gate_up_proj`` (kept apart
+        when only one of them holds fp8 weights)."""
         if self.gate_up_proj is None:
-            self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
-            del self.gate_proj, self.up_proj
+            fused = _concat_linears(self.gate_proj, self.up_proj)
+            if fused is not None:
+                self.gate_up_proj = fused
+                del self.gate_proj, self.up_proj
 
 
-def _concat_linears(*linears: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the given ones' outputs side by side, built from
-    their weights (on their device and dtype; the originals can then be freed)."""
+def _concat_linears(*linears: nn.Module) -> nn.Module | None:
+    """One layer whose output is the given ones' outputs side by side, built from
+    their weights (on their device and dtype; the originals can then be freed): a
+    Linear from Linears, an :class:`Fp8Linear` from fp8 checkpoint layers, None for a
+    mix of the two."""
+    if all(isinstance(lin, Fp8Linear) for lin in linears):
+        return Fp8Linear.concat(linears)  # type: ignore[arg-type]
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return None
     first = linears[0]
     weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum out, in)
     fused = nn.Linear(

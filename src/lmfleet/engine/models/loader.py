@@ -7,6 +7,9 @@ with the files raises :class:`~lmfleet.errors.ModelLoadError` naming the file (a
 the tensor). Scalar fp8 KV-cache scales that quantized checkpoints carry
 (``self_attn.k_scale`` and the like, see :mod:`lmfleet.engine.kv_scales`) are read
 into :attr:`LoadedModel.kv_scales`; what to do with them is the runner's business.
+Checkpoints that store projections in fp8 (see :mod:`lmfleet.engine.models.quant_config`)
+have those modules swapped for empty :class:`~lmfleet.engine.layers.quant.Fp8Linear`
+layers before reading, which the fp8 weights and scales then fill as stored.
 This module knows nothing else about the KV cache or the engine.
 """
 
@@ -26,8 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from lmfleet.engine.kv_scales import KVScales, checkpoint_kv_scales, kv_scale_tensor_layer
+from lmfleet.engine.layers.quant import FP8_DTYPE, Fp8Linear
 from lmfleet.engine.models.config import ArchConfig
 from lmfleet.engine.models.llama import LlamaForCausalLM
+from lmfleet.engine.models.quant_config import INPUT_SCALE, WEIGHT_SCALE
 from lmfleet.engine.models.registry import resolve
 from lmfleet.errors import ModelLoadError
 
@@ -51,6 +56,10 @@ class LoadedModel:
     bytes_per_second: float
     #: the checkpoint's fp8 KV-cache scales, None when it has none
     kv_scales: KVScales | None = None
+    #: "fp8" when the checkpoint's own fp8 weights were loaded (into ``Fp8Linear``)
+    quantization: str | None = None
+    #: how many projections hold those fp8 weights
+    num_quantized: int = 0
 
 
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], Path, dict[str, str] | None]:
@@ -97,6 +106,7 @@ def load_model(
 
     with torch.device("meta"):
         model = resolve(arch)(arch, max_positions=max_len)
+    fp8 = _install_fp8_linears(model, files, listing) if arch.quantization else {}
     params = dict(model.named_parameters(remove_duplicate=False))
 
     total = sum(path.stat().st_size for path in files)
@@ -113,7 +123,7 @@ def load_model(
     ) as bar:
         for path in files:
             file_bytes = 0
-            for name, tensor in _read_file(path, params):
+            for name, tensor in _read_file(path, params, fp8):
                 if name in loaded:
                     raise ModelLoadError(f"{path}: tensor {name} also stored in {loaded[name]}")
                 if weight_map is not None and weight_map.get(name, path.name) != path.name:
@@ -123,7 +133,9 @@ def load_model(
                 file_bytes += tensor.nbytes
                 if name in params:
                     _assign(model, name, _convert(tensor, dtype, device))
-                else:  # _read_file yields parameters and KV scales only
+                elif name in fp8:
+                    fp8[name].assign(path, name, tensor, dtype, device)
+                else:  # _read_file yields parameters, fp8 tensors and KV scales only
                     scale_of = kv_scale_tensor_layer(name)
                     assert scale_of is not None
                     kv_scale_values[scale_of] = _scalar(path, name, tensor)
@@ -143,6 +155,7 @@ def load_model(
                 "is not in the file"
             )
     missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    missing += [n for n, slot in fp8.items() if slot.required and n not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(f"{listing}: missing tensor {missing[0]}{more}")
@@ -155,6 +168,18 @@ def load_model(
             raise ModelLoadError(f"{listing}: {exc}") from exc
     model.init_buffers(device)
     model.eval()
+    num_fp8 = sum(slot.kind == "weight" for slot in fp8.values())
+    if arch.quantization is not None:
+        dropped = sum(slot.kind == "input_scale" and n in loaded for n, slot in fp8.items())
+        logger.info(
+            "%d projections hold the checkpoint's fp8 weights (%s, per-%s scales)%s",
+            num_fp8,
+            arch.quantization.method,
+            arch.quantization.strategy,
+            f"; {dropped} static input scales dropped: activations are quantized per token"
+            if dropped
+            else "",
+        )
     seconds = time.perf_counter() - start
     rate = num_bytes / seconds if seconds > 0 else float("inf")
     logger.info(
@@ -166,16 +191,128 @@ def load_model(
         seconds,
         rate / 1e6,
     )
-    return LoadedModel(model, arch, num_bytes, seconds, rate, kv_scales)
+    return LoadedModel(
+        model, arch, num_bytes, seconds, rate, kv_scales, "fp8" if num_fp8 else None, num_fp8
+    )
 
 
-def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass(frozen=True, slots=True)
+class _Fp8Tensor:
+    """Where one tensor of an fp8 projection goes: ``kind`` is "weight" (float8 (out,
+    in)), "weight_scale" (one scale, or one per output row), "bias" or "input_scale"
+    (static activation scale, read and dropped)."""
+
+    module: Fp8Linear
+    kind: str
+
+    @property
+    def required(self) -> bool:
+        return self.kind != "input_scale"
+
+    def assign(
+        self, path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        mod = self.module
+        out, inp = mod.out_features, mod.in_features
+        if self.kind == "weight":
+            if tensor.dtype != FP8_DTYPE:
+                raise ModelLoadError(
+                    f"{path}: tensor {name} has dtype {tensor.dtype}; an fp8 projection's "
+                    f"weight must be {FP8_DTYPE} (it has a {WEIGHT_SCALE})"
+                )
+            if tuple(tensor.shape) != (out, inp):
+                raise ModelLoadError(
+                    f"{path}: tensor {name} has shape {list(tensor.shape)}, the model "
+                    f"expects {[out, inp]}"
+                )
+            mod.weight = tensor.to(device)
+        elif self.kind == "weight_scale":
+            if tensor.numel() not in (1, out) or tensor.dim() > 2 or not tensor.is_floating_point():
+                raise ModelLoadError(
+                    f"{path}: tensor {name} must hold one float scale or one per output row "
+                    f"({out}), got shape {list(tensor.shape)} {tensor.dtype}"
+                )
+            scale = tensor.float().reshape(-1).expand(out)
+            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise ModelLoadError(
+                    f"{path}: tensor {name} holds scales that are not finite and > 0"
+                )
+            mod.scale = scale.contiguous().to(device)
+        elif self.kind == "bias":
+            if tuple(tensor.shape) != (out,):
+                raise ModelLoadError(
+                    f"{path}: tensor {name} has shape {list(tensor.shape)}, the model "
+                    f"expects {[out]}"
+                )
+            mod.bias = _convert(tensor, dtype, device)
+        elif tensor.numel() != 1:  # input_scale: per-tensor static, dropped
+            raise ModelLoadError(
+                f"{path}: tensor {name} must hold one float (a static activation scale), "
+                f"got shape {list(tensor.shape)}"
+            )
+
+
+def _install_fp8_linears(
+    model: nn.Module, files: list[Path], listing: Path
+) -> dict[str, _Fp8Tensor]:
+    """Swap every projection that the checkpoint stores in fp8 (a ``weight_scale``
+    next to its weight) for an empty :class:`Fp8Linear`; returns the checkpoint
+    tensors those layers take, by name."""
+    slots: dict[str, _Fp8Tensor] = {}
+    suffix = "." + WEIGHT_SCALE
+    for name in _tensor_names(files):
+        if not name.endswith(suffix):
+            continue
+        prefix = name.removesuffix(suffix)
+        owner, _, leaf = prefix.rpartition(".")
+        try:
+            parent = model.get_submodule(owner)
+        except AttributeError:
+            parent = None
+        linear = getattr(parent, leaf, None)
+        if type(linear) is not nn.Linear or not prefix.startswith("model.layers."):
+            raise ModelLoadError(
+                f"{listing}: tensor {name}: only the decoder layers' projections can hold fp8 "
+                "weights here"
+            )
+        fp8 = Fp8Linear.empty_like(linear)
+        setattr(parent, leaf, fp8)
+        slots[f"{prefix}.weight"] = _Fp8Tensor(fp8, "weight")
+        slots[name] = _Fp8Tensor(fp8, "weight_scale")
+        slots[f"{prefix}.{INPUT_SCALE}"] = _Fp8Tensor(fp8, "input_scale")
+        if fp8.bias is not None:
+            slots[f"{prefix}.bias"] = _Fp8Tensor(fp8, "bias")
+    if not slots:
+        raise ModelLoadError(
+            f"{listing}: config.json declares fp8 weights (quantization_config) but no "
+            f"tensor ends in {suffix}"
+        )
+    return slots
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    names: list[str] = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names.extend(f.keys())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read safetensors: {exc}") from exc
+    return names
+
+
+def _read_file(
+    path: Path, params: dict[str, nn.Parameter], fp8: dict[str, _Fp8Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` of ``path`` one at a time, after checking the name
-    and shape against the model's parameters; KV-scale tensors (not parameters) are
-    yielded as they are."""
+    and shape against the model's parameters; fp8 projection tensors (checked when
+    assigned) and KV-scale tensors (not parameters) are yielded as they are."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name in fp8:
+                    yield name, f.get_tensor(name)
+                    continue
                 if name not in params:
                     if kv_scale_tensor_layer(name) is not None:
                         yield name, f.get_tensor(name)  # a KV scale: load_model reads it
@@ -193,6 +330,11 @@ def _read_file(path: Path, params: dict[str, nn.Parameter]) -> Iterator[tuple[st
                 if not tensor.is_floating_point():
                     raise ModelLoadError(
                         f"{path}: tensor {name} has dtype {tensor.dtype}, not a float"
+                    )
+                if tensor.element_size() == 1:  # float8 without a weight_scale to undo it
+                    raise ModelLoadError(
+                        f"{path}: tensor {name} is {tensor.dtype} but has no "
+                        f"{WEIGHT_SCALE}, or config.json declares no quantization_config"
                     )
                 yield name, tensor
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

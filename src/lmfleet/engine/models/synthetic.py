@@ -9,12 +9,15 @@ and safetensors only; no tokenizer is written.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from lmfleet.engine.layers.quant import FP8_DTYPE, FP8_MAX, quantize_fp8_weight
 from lmfleet.engine.models.config import ArchConfig
 from lmfleet.engine.models.registry import resolve
 
@@ -100,6 +103,102 @@ def write_random_checkpoint(
             t = torch.empty(shape).normal_(0.0, 0.02, generator=gen)
         tensors[name] = t.to(_DTYPES[dtype])
     _write_tensors(out, tensors, shard_bytes)
+    return out
+
+
+#: the projections an fp8 checkpoint stores in float8 (as llm-compressor's FP8 schemes do)
+_FP8_PROJECTIONS = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
+)
+
+
+def write_fp8_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    method: str = "compressed-tensors",
+    strategy: str = "channel",
+    static_input_scales: bool = False,
+) -> Path:
+    """Copy the checkpoint in ``src_dir`` to ``out_dir`` with every decoder-layer
+    projection stored as float8 e4m3 weights and scales, the way llm-compressor
+    (``method="compressed-tensors"``; ``strategy`` "channel": a scale per output row,
+    FP8_DYNAMIC; "tensor": one per weight) or AutoFP8 (``method="fp8"``, per tensor)
+    write them, with the matching ``quantization_config``. ``static_input_scales``
+    adds the per-tensor ``input_scale`` tensors of static activation schemes. Per
+    channel, the fp8 bytes and scales are those :class:`~lmfleet.engine.layers.quant.Fp8Linear`
+    computes when it quantizes the same weights at load time. Other files (tokenizer,
+    ...) are copied; the weights go to one ``model.safetensors``."""
+    if method not in ("compressed-tensors", "fp8") or strategy not in ("channel", "tensor"):
+        raise ValueError(f"unsupported fp8 layout: method {method!r}, strategy {strategy!r}")
+    if method == "fp8" and strategy != "tensor":
+        raise ValueError("quant_method 'fp8' checkpoints have per-tensor scales")
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    quantized: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not _FP8_PROJECTIONS.match(name):
+            quantized[name] = tensor
+            continue
+        prefix = name.removesuffix(".weight")
+        if strategy == "channel":
+            q, scale = quantize_fp8_weight(tensor)
+            scale = scale[:, None]  # (out, 1), as compressed-tensors stores it
+        else:
+            scale = (tensor.float().abs().amax() / FP8_MAX).clamp(min=1e-12)  # ()
+            q = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        quantized[name] = q.contiguous()
+        quantized[f"{prefix}.weight_scale"] = scale.float().contiguous()
+        if static_input_scales:
+            quantized[f"{prefix}.input_scale"] = torch.tensor(0.05)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if method == "fp8":
+        quant: dict[str, Any] = {
+            "quant_method": "fp8",
+            "activation_scheme": "static" if static_input_scales else "dynamic",
+        }
+    else:
+        acts = {"num_bits": 8, "type": "float", "symmetric": True}
+        if static_input_scales:
+            acts |= {"strategy": "tensor", "dynamic": False}
+        else:
+            acts |= {"strategy": "token", "dynamic": True}
+        quant = {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "ignore": ["lm_head"],
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 8,
+                        "type": "float",
+                        "symmetric": True,
+                        "strategy": strategy,
+                        "dynamic": False,
+                    },
+                    "input_activations": acts,
+                }
+            },
+        }
+    config["quantization_config"] = quant
+    for path in src.iterdir():
+        if (
+            path.is_file()
+            and path.suffix != ".safetensors"
+            and path.name
+            not in (
+                "config.json",
+                "model.safetensors.index.json",
+            )
+        ):
+            shutil.copy2(path, out / path.name)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_tensors(out, quantized, None)
     return out
 
 
