@@ -81,36 +81,24 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.n_kv, self.head_dim)  # (T, n_kv, hd)
         rotary = self._rotary[0]
         ops = self.ops
+        # what the fused q/k norm + rotary kernels take after q and k (and v)
+        rope = (
+            positions,
+            rotary.cos_cache,
+            rotary.sin_cache,
+            None if self.q_norm is None else self.q_norm.weight,
+            None if self.k_norm is None else self.k_norm.weight,
+            self.eps,
+        )
         if ops is not None and ops.qk_norm_rope_write_kv and self.attend_fn is not None:
             # one launch rotates q and k and stores k and v in their cache slots
             q = ops.qk_norm_rope_write_kv(
-                q,
-                k,
-                v,
-                positions,
-                rotary.cos_cache,
-                rotary.sin_cache,
-                None if self.q_norm is None else self.q_norm.weight,
-                None if self.k_norm is None else self.k_norm.weight,
-                self.eps,
-                kv_cache,
-                meta.slot_mapping,
-                self.k_scale,
-                self.v_scale,
+                q, k, v, *rope, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale
             )  # (T, n_heads, hd)
             out = self.attend_fn(q, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
             return self.o_proj(out.reshape(num_tokens, self.n_heads * self.head_dim))
         if ops is not None:  # (T, n_heads, hd), (T, n_kv, hd), new and contiguous
-            q, k = ops.qk_norm_rope(
-                q,
-                k,
-                positions,
-                rotary.cos_cache,
-                rotary.sin_cache,
-                None if self.q_norm is None else self.q_norm.weight,
-                None if self.k_norm is None else self.k_norm.weight,
-                self.eps,
-            )
+            q, k = ops.qk_norm_rope(q, k, *rope)
         else:
             if self.q_norm is not None and self.k_norm is not None:
                 q = self.q_norm(q)
