@@ -114,6 +114,33 @@ def test_profiled_sizing_takes_every_term_from_the_probe(tiny_model_dir, monkeyp
     assert "activation peak" in s.describe()
 
 
+def test_profile_samples_every_sequence_the_costliest_way(tiny_model_dir, monkeypatch):
+    """The sampler's copies of the logits (penalties, top-k/top-p sorting, logprobs)
+    are part of a step's peak: the profiled step samples every row with all of them,
+    inside the measured call, and waits for the tokens."""
+    from lmfleet.engine.runner import PROFILE_SAMPLING
+
+    probe = FakeProbe(total=GIB, free=GIB, allocated=0, reserved=0, activation=MIB)
+    runner = make_runner(tiny_model_dir, probe, max_num_seqs=8, max_num_batched_tokens=100)
+    seen = []
+    sample = runner.sampler.sample
+
+    def spy(logits, batch):
+        pending = sample(logits, batch)
+        seen.append((tuple(logits.shape), batch.params, probe.profiled, pending))
+        return pending
+
+    monkeypatch.setattr(runner.sampler, "sample", spy)
+    runner.plan_kv_cache()
+    [(shape, params, profiled_before, pending)] = seen
+    assert shape == (8, runner.arch.vocab_size) and profiled_before == 0
+    assert params == [PROFILE_SAMPLING] * 8
+    assert PROFILE_SAMPLING.has_penalties and PROFILE_SAMPLING.logprobs == 20
+    assert PROFILE_SAMPLING.top_k > 0 and PROFILE_SAMPLING.top_p < 1
+    result = pending.result()
+    assert len(result.token_ids) == 8 and all(lp is not None for lp in result.logprobs)
+
+
 def test_reserve_is_a_cache_setting(tiny_model_dir):
     probe = FakeProbe(total=GIB, free=GIB, allocated=0, reserved=0, activation=0)
     cache = CacheConfig(memory_reserve_bytes=0, gpu_memory_utilization=0.5)

@@ -57,6 +57,22 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+#: how every sequence of the KV-sizing profile samples: each costly sampler path at
+#: once (penalties over the prompt, top-k, top-p and min-p, 20 logprobs), so the
+#: profiled peak covers whatever requests ask for later
+PROFILE_SAMPLING = SamplingParams(
+    max_tokens=1,
+    temperature=1.0,
+    top_k=50,
+    top_p=0.9,
+    min_p=0.01,
+    repetition_penalty=1.1,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+    logprobs=20,
+)
+
+
 def bind_device(device: torch.device) -> None:
     """Make ``device`` the calling thread's current CUDA device (no-op elsewhere).
 
@@ -324,12 +340,13 @@ class ModelRunner:
     def _profile_schedule(self) -> SchedulerOutput:
         """The step that needs the most activation memory: ``max_num_batched_tokens``
         prompt tokens over ``min(max_num_seqs, tokens)`` sequences (none longer than
-        ``max_seq_len``), every one sampling. All share the same few KV blocks."""
+        ``max_seq_len``), every one sampling with :data:`PROFILE_SAMPLING`. All share
+        the same few KV blocks."""
         cfg = self.scheduler_config
         num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         num_tokens = min(cfg.max_num_batched_tokens, num_seqs * self.max_seq_len)
         base, extra = divmod(num_tokens, num_seqs)
-        params = SamplingParams(max_tokens=1)
+        params = PROFILE_SAMPLING
         scheduled = []
         for i in range(num_seqs):
             n = base + (i < extra)
@@ -339,16 +356,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _activation_peak(self, probe: MemoryProbe, sched: SchedulerOutput) -> int:
-        """Bytes the forward and logits of ``sched`` allocate at their peak, above
-        what was allocated before (weights and a scratch KV cache of a few blocks)."""
+        """Bytes the forward, logits and sampling of ``sched`` allocate at their peak,
+        above what was allocated before (weights and a scratch KV cache of a few
+        blocks). The sampler's working copies of the logits (penalties, sorting for
+        top-p, logprobs) take several times the logits themselves, so they count."""
         num_blocks = max(len(item.block_ids) for item in sched.scheduled)
         saved, self.kv_caches = self.kv_caches, self._new_kv_caches(num_blocks, torch.zeros)
         try:
             baseline = probe.memory_allocated()
-            peak = probe.peak_allocated_during(lambda: self._logits(self._prepare(sched)))
+            peak = probe.peak_allocated_during(lambda: self._profile_step(sched))
         finally:
             self.kv_caches = saved
         return max(peak - baseline, 0)
+
+    def _profile_step(self, sched: SchedulerOutput) -> None:
+        """Forward, logits and sampling of the profile step, waited for."""
+        logits = self._logits(self._prepare(sched))
+        if logits is None:
+            return
+        requests = [item.request for item in sched.scheduled if item.samples]
+        batch = SamplingBatch.from_requests(requests, [None] * len(requests))
+        self.sampler.sample(logits, batch).result()
 
     def _new_kv_caches(
         self,
