@@ -110,8 +110,8 @@ def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
         choices=list(QUANTIZATIONS),
         help="weight quantization of the decoder layers (embeddings and lm_head stay in "
         f"--dtype). {describe_choices(QUANTIZATIONS)} (default: %(default)s). A checkpoint "
-        "stored in fp8 (llm-compressor FP8/FP8_DYNAMIC, AutoFP8) serves its own fp8 weights "
-        "with none or fp8",
+        "stored in fp8 per channel or tensor (llm-compressor FP8/FP8_DYNAMIC, AutoFP8) "
+        "serves its own fp8 weights with none or fp8; block-wise fp8 is dequantized at load",
     )
     g.add_argument(
         "--kv-cache-dtype",

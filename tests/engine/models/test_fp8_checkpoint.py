@@ -97,6 +97,53 @@ def test_per_tensor_checkpoints(src_dir, tmp_path, caplog, method, static):
     assert all(len(t) == GREEDY.max_tokens for t in _tokens(llm))
 
 
+@pytest.mark.parametrize(
+    ("method", "block", "shard_bytes"),
+    [("fp8", (128, 128), None), ("fp8", (48, 80), 40_000), ("compressed-tensors", (64, 64), None)],
+    ids=["qwen-fp8-128", "partial-tiles-sharded", "compressed-tensors-block"],
+)
+def test_block_wise_checkpoints_load_dequantized(src_dir, tmp_path, method, block, shard_bytes):
+    """Block-wise fp8 (Qwen's and DeepSeek's FP8 releases: weight_scale_inv per
+    128x128 tile) has no fp8 GEMM here: each weight is its tiles' fp8 values times
+    their scales, in the model dtype, in an ordinary Linear, also when the tile
+    size does not divide the shape and when a weight and its scales sit in
+    different shards; the model serves, and ``--quantization fp8`` requantizes it."""
+    out = write_fp8_checkpoint(
+        src_dir,
+        tmp_path / "block",
+        method=method,
+        strategy="block",
+        block=block,
+        shard_bytes=shard_bytes,
+    )
+    if shard_bytes is not None:
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        scale = "weight_scale_inv" if method == "fp8" else "weight_scale"
+        assert any(index[f"{n}.weight"] != index[f"{n}.{scale}"] for n in _projections(index))
+    loaded = load_model(out, dtype=torch.float32, device="cpu", progress=False)
+    assert loaded.quantization is None and loaded.num_quantized == 0  # nothing stays fp8
+    q = loaded.model.get_submodule(Q_PROJ)
+    assert type(q) is nn.Linear and q.weight.dtype == torch.float32
+    stored = {}
+    for path in out.glob("*.safetensors"):
+        stored.update(load_file(str(path)))
+    w8 = stored[f"{Q_PROJ}.weight"].float()  # (128, 128)
+    s = stored[f"{Q_PROJ}.weight_scale_inv" if method == "fp8" else f"{Q_PROJ}.weight_scale"]
+    bn, bk = block
+    assert s.shape == (-(-128 // bn), -(-128 // bk))
+    for r, c in ((0, 0), (127, 127), (bn - 1, min(bk, 127)), (127, 0)):  # tile corners
+        assert q.weight[r, c].item() == (w8[r, c] * s[r // bn, c // bk].float()).item()
+    want = load_file(str(src_dir / "model.safetensors"))[f"{Q_PROJ}.weight"]
+    assert ((q.weight - want).norm() / want.norm()).item() < 0.04
+    assert all(len(t) == GREEDY.max_tokens for t in _tokens(LLM(str(out), progress=False)))
+    requantized = LLM(str(out), progress=False, quantization="fp8")
+    assert isinstance(requantized.core.runner.model.model.layers[0].self_attn.qkv_proj, Fp8Linear)
+
+
+def _projections(weight_map: dict[str, str]) -> list[str]:
+    return [n.removesuffix(".weight") for n in weight_map if n.endswith("_proj.weight")]
+
+
 def test_a_projection_left_unquantized_stays_unfused(src_dir, fp8_dir, tmp_path):
     """A checkpoint whose ignore list kept one projection in full precision: that
     layer's q/k/v stay three layers (an fp8 and a float weight cannot share a GEMM),
@@ -154,9 +201,13 @@ def _group_weights(**changes):
 
 
 BAD_CHECKPOINTS = {
-    "block-wise fp8": (
+    "block-wise fp8 without scales of that name": (
         {"config": _set_quant({"quant_method": "fp8", "weight_block_size": [128, 128]})},
-        r"block-wise fp8 \(weight_block_size \[128, 128\]\) is unsupported",
+        "declares fp8 weights .* but no tensor ends in .weight_scale_inv",
+    ),
+    "a bad block size": (
+        {"config": _set_quant({"quant_method": "fp8", "weight_block_size": [128]})},
+        r"weight_block_size must be two positive integers, got \[128\]",
     ),
     "gptq": (
         {"config": _set_quant({"quant_method": "gptq", "bits": 4})},

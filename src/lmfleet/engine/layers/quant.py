@@ -128,6 +128,19 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return w_q, scale
 
 
+def dequantize_fp8_blocks(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """Block-wise fp8 back to float32: ``weight`` (out, in) float8 times the scale of
+    its ``block`` = (bn, bk) tile, ``scale`` being (ceil(out / bn), ceil(in / bk));
+    partial tiles at the edges take their tile's scale. Exact: an e4m3 value times an
+    fp32 scale rounds at most once, in fp32."""
+    bn, bk = block
+    out, inp = weight.shape
+    full = scale.float().repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
+    return weight.float() * full  # (out, in)
+
+
 class Fp8Linear(QuantizedLinear):
     """float8 e4m3 weights (out, in) with per-output-channel float32 scales (out,).
 

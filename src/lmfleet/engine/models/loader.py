@@ -29,10 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from lmfleet.engine.kv_scales import KVScales, checkpoint_kv_scales, kv_scale_tensor_layer
-from lmfleet.engine.layers.quant import FP8_DTYPE, Fp8Linear
 from lmfleet.engine.models.config import ArchConfig
+from lmfleet.engine.models.fp8_weights import Fp8Tensor, install_fp8_layers
 from lmfleet.engine.models.llama import LlamaForCausalLM
-from lmfleet.engine.models.quant_config import INPUT_SCALE, WEIGHT_SCALE
+from lmfleet.engine.models.quant_config import WEIGHT_SCALE
 from lmfleet.engine.models.registry import resolve
 from lmfleet.errors import ModelLoadError
 
@@ -106,7 +106,9 @@ def load_model(
 
     with torch.device("meta"):
         model = resolve(arch)(arch, max_positions=max_len)
-    fp8 = _install_fp8_linears(model, files, listing) if arch.quantization else {}
+    fp8: dict[str, Fp8Tensor] = {}
+    if arch.quantization is not None:
+        fp8 = install_fp8_layers(model, arch.quantization, files, listing)
     params = dict(model.named_parameters(remove_duplicate=False))
 
     total = sum(path.stat().st_size for path in files)
@@ -131,10 +133,10 @@ def load_model(
                         f"{path}: tensor {name} is listed in {listing} under {weight_map[name]}"
                     )
                 file_bytes += tensor.nbytes
-                if name in params:
-                    _assign(model, name, _convert(tensor, dtype, device))
-                elif name in fp8:
+                if name in fp8:  # before params: a block-wise fp8 weight is one too
                     fp8[name].assign(path, name, tensor, dtype, device)
+                elif name in params:
+                    _assign(model, name, _convert(tensor, dtype, device))
                 else:  # _read_file yields parameters, fp8 tensors and KV scales only
                     scale_of = kv_scale_tensor_layer(name)
                     assert scale_of is not None
@@ -168,18 +170,31 @@ def load_model(
             raise ModelLoadError(f"{listing}: {exc}") from exc
     model.init_buffers(device)
     model.eval()
-    num_fp8 = sum(slot.kind == "weight" for slot in fp8.values())
+    num_fp8 = sum(slot.kind == "weight" for slot in fp8.values())  # kept in fp8
+    num_block = sum(slot.kind == "block_weight" for slot in fp8.values())  # dequantized
     if arch.quantization is not None:
+        q = arch.quantization
         dropped = sum(slot.kind == "input_scale" and n in loaded for n, slot in fp8.items())
-        logger.info(
-            "%d projections hold the checkpoint's fp8 weights (%s, per-%s scales)%s",
-            num_fp8,
-            arch.quantization.method,
-            arch.quantization.strategy,
-            f"; {dropped} static input scales dropped: activations are quantized per token"
-            if dropped
-            else "",
-        )
+        if num_block:
+            logger.info(
+                "%d projections stored as block-wise fp8 (%dx%d tiles) dequantized to %s: "
+                "there is no block-wise fp8 GEMM here (--quantization fp8 requantizes "
+                "them per channel)",
+                num_block,
+                *(q.block or (0, 0)),
+                str(dtype).removeprefix("torch."),
+            )
+        else:
+            logger.info(
+                "%d projections hold the checkpoint's fp8 weights (%s, per-%s scales)",
+                num_fp8,
+                q.method,
+                q.strategy,
+            )
+        if dropped:
+            logger.info(
+                "%d static input scales dropped: activations are quantized per token", dropped
+            )
     seconds = time.perf_counter() - start
     rate = num_bytes / seconds if seconds > 0 else float("inf")
     logger.info(
@@ -196,113 +211,8 @@ def load_model(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Fp8Tensor:
-    """Where one tensor of an fp8 projection goes: ``kind`` is "weight" (float8 (out,
-    in)), "weight_scale" (one scale, or one per output row), "bias" or "input_scale"
-    (static activation scale, read and dropped)."""
-
-    module: Fp8Linear
-    kind: str
-
-    @property
-    def required(self) -> bool:
-        return self.kind != "input_scale"
-
-    def assign(
-        self, path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        mod = self.module
-        out, inp = mod.out_features, mod.in_features
-        if self.kind == "weight":
-            if tensor.dtype != FP8_DTYPE:
-                raise ModelLoadError(
-                    f"{path}: tensor {name} has dtype {tensor.dtype}; an fp8 projection's "
-                    f"weight must be {FP8_DTYPE} (it has a {WEIGHT_SCALE})"
-                )
-            if tuple(tensor.shape) != (out, inp):
-                raise ModelLoadError(
-                    f"{path}: tensor {name} has shape {list(tensor.shape)}, the model "
-                    f"expects {[out, inp]}"
-                )
-            mod.weight = tensor.to(device)
-        elif self.kind == "weight_scale":
-            if tensor.numel() not in (1, out) or tensor.dim() > 2 or not tensor.is_floating_point():
-                raise ModelLoadError(
-                    f"{path}: tensor {name} must hold one float scale or one per output row "
-                    f"({out}), got shape {list(tensor.shape)} {tensor.dtype}"
-                )
-            scale = tensor.float().reshape(-1).expand(out)
-            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-                raise ModelLoadError(
-                    f"{path}: tensor {name} holds scales that are not finite and > 0"
-                )
-            mod.scale = scale.contiguous().to(device)
-        elif self.kind == "bias":
-            if tuple(tensor.shape) != (out,):
-                raise ModelLoadError(
-                    f"{path}: tensor {name} has shape {list(tensor.shape)}, the model "
-                    f"expects {[out]}"
-                )
-            mod.bias = _convert(tensor, dtype, device)
-        elif tensor.numel() != 1:  # input_scale: per-tensor static, dropped
-            raise ModelLoadError(
-                f"{path}: tensor {name} must hold one float (a static activation scale), "
-                f"got shape {list(tensor.shape)}"
-            )
-
-
-def _install_fp8_linears(
-    model: nn.Module, files: list[Path], listing: Path
-) -> dict[str, _Fp8Tensor]:
-    """Swap every projection that the checkpoint stores in fp8 (a ``weight_scale``
-    next to its weight) for an empty :class:`Fp8Linear`; returns the checkpoint
-    tensors those layers take, by name."""
-    slots: dict[str, _Fp8Tensor] = {}
-    suffix = "." + WEIGHT_SCALE
-    for name in _tensor_names(files):
-        if not name.endswith(suffix):
-            continue
-        prefix = name.removesuffix(suffix)
-        owner, _, leaf = prefix.rpartition(".")
-        try:
-            parent = model.get_submodule(owner)
-        except AttributeError:
-            parent = None
-        linear = getattr(parent, leaf, None)
-        if type(linear) is not nn.Linear or not prefix.startswith("model.layers."):
-            raise ModelLoadError(
-                f"{listing}: tensor {name}: only the decoder layers' projections can hold fp8 "
-                "weights here"
-            )
-        fp8 = Fp8Linear.empty_like(linear)
-        setattr(parent, leaf, fp8)
-        slots[f"{prefix}.weight"] = _Fp8Tensor(fp8, "weight")
-        slots[name] = _Fp8Tensor(fp8, "weight_scale")
-        slots[f"{prefix}.{INPUT_SCALE}"] = _Fp8Tensor(fp8, "input_scale")
-        if fp8.bias is not None:
-            slots[f"{prefix}.bias"] = _Fp8Tensor(fp8, "bias")
-    if not slots:
-        raise ModelLoadError(
-            f"{listing}: config.json declares fp8 weights (quantization_config) but no "
-            f"tensor ends in {suffix}"
-        )
-    return slots
-
-
-def _tensor_names(files: list[Path]) -> list[str]:
-    names: list[str] = []
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                names.extend(f.keys())
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: cannot read safetensors: {exc}") from exc
-    return names
-
-
 def _read_file(
-    path: Path, params: dict[str, nn.Parameter], fp8: dict[str, _Fp8Tensor]
+    path: Path, params: dict[str, nn.Parameter], fp8: dict[str, Fp8Tensor]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` of ``path`` one at a time, after checking the name
     and shape against the model's parameters; fp8 projection tensors (checked when

@@ -119,20 +119,29 @@ def write_fp8_checkpoint(
     method: str = "compressed-tensors",
     strategy: str = "channel",
     static_input_scales: bool = False,
+    block: tuple[int, int] = (128, 128),
+    shard_bytes: int | None = None,
 ) -> Path:
     """Copy the checkpoint in ``src_dir`` to ``out_dir`` with every decoder-layer
     projection stored as float8 e4m3 weights and scales, the way llm-compressor
     (``method="compressed-tensors"``; ``strategy`` "channel": a scale per output row,
     FP8_DYNAMIC; "tensor": one per weight) or AutoFP8 (``method="fp8"``, per tensor)
-    write them, with the matching ``quantization_config``. ``static_input_scales``
-    adds the per-tensor ``input_scale`` tensors of static activation schemes. Per
-    channel, the fp8 bytes and scales are those :class:`~lmfleet.engine.layers.quant.Fp8Linear`
-    computes when it quantizes the same weights at load time. Other files (tokenizer,
-    ...) are copied; the weights go to one ``model.safetensors``."""
-    if method not in ("compressed-tensors", "fp8") or strategy not in ("channel", "tensor"):
+    write them, with the matching ``quantization_config``; ``strategy="block"`` writes
+    one scale per ``block`` tile (``weight_scale_inv`` under ``method="fp8"``, as
+    Qwen's and DeepSeek's FP8 releases). ``static_input_scales`` adds the per-tensor
+    ``input_scale`` tensors of static activation schemes. Per channel, the fp8 bytes
+    and scales are those :class:`~lmfleet.engine.layers.quant.Fp8Linear` computes when
+    it quantizes the same weights at load time. Other files (tokenizer, ...) are
+    copied; the weights go to one ``model.safetensors``, or to shards of about
+    ``shard_bytes``."""
+    if method not in ("compressed-tensors", "fp8") or strategy not in (
+        "channel",
+        "tensor",
+        "block",
+    ):
         raise ValueError(f"unsupported fp8 layout: method {method!r}, strategy {strategy!r}")
-    if method == "fp8" and strategy != "tensor":
-        raise ValueError("quant_method 'fp8' checkpoints have per-tensor scales")
+    if method == "fp8" and strategy == "channel":
+        raise ValueError("quant_method 'fp8' checkpoints have per-tensor or block scales")
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -144,14 +153,18 @@ def write_fp8_checkpoint(
             quantized[name] = tensor
             continue
         prefix = name.removesuffix(".weight")
+        scale_name = "weight_scale"
         if strategy == "channel":
             q, scale = quantize_fp8_weight(tensor)
             scale = scale[:, None]  # (out, 1), as compressed-tensors stores it
+        elif strategy == "block":
+            q, scale = _quantize_fp8_blocks(tensor, block)
+            scale_name = "weight_scale_inv" if method == "fp8" else "weight_scale"
         else:
             scale = (tensor.float().abs().amax() / FP8_MAX).clamp(min=1e-12)  # ()
             q = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         quantized[name] = q.contiguous()
-        quantized[f"{prefix}.weight_scale"] = scale.float().contiguous()
+        quantized[f"{prefix}.{scale_name}"] = scale.float().contiguous()
         if static_input_scales:
             quantized[f"{prefix}.input_scale"] = torch.tensor(0.05)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -160,6 +173,8 @@ def write_fp8_checkpoint(
             "quant_method": "fp8",
             "activation_scheme": "static" if static_input_scales else "dynamic",
         }
+        if strategy == "block":
+            quant["weight_block_size"] = list(block)
     else:
         acts = {"num_bits": 8, "type": "float", "symmetric": True}
         if static_input_scales:
@@ -180,6 +195,7 @@ def write_fp8_checkpoint(
                         "symmetric": True,
                         "strategy": strategy,
                         "dynamic": False,
+                        "block_structure": list(block) if strategy == "block" else None,
                     },
                     "input_activations": acts,
                 }
@@ -198,8 +214,25 @@ def write_fp8_checkpoint(
         ):
             shutil.copy2(path, out / path.name)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    _write_tensors(out, quantized, None)
+    _write_tensors(out, quantized, shard_bytes)
     return out
+
+
+def _quantize_fp8_blocks(
+    weight: torch.Tensor, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 (out, in) and one float32 scale per ``block`` tile (the tile's largest
+    |w| maps to 448), (ceil(out / bn), ceil(in / bk))."""
+    bn, bk = block
+    out, inp = weight.shape
+    w = weight.float()
+    rows, cols = -(-out // bn), -(-inp // bk)
+    padded = torch.zeros(rows * bn, cols * bk)
+    padded[:out, :inp] = w.abs()
+    amax = padded.view(rows, bn, cols, bk).amax(dim=(1, 3))  # (rows, cols)
+    scale = (amax / FP8_MAX).clamp(min=1e-12)
+    full = scale.repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
+    return (w / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def _write_tensors(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int | None) -> None:
