@@ -138,17 +138,19 @@ def test_stop_string_ends_stream(tiny_model_dir, async_scheduling):
 
 
 def test_bind_device_sets_the_current_cuda_device(monkeypatch):
-    """Triton launches on the thread's current CUDA device: ``cuda:1`` must become it;
-    a CPU device leaves CUDA alone."""
+    """Triton launches on the thread's current CUDA device: ``cuda:1`` must become it
+    (through the real ``torch.cuda.set_device``, only the driver call is replaced); a
+    device without an index and a CPU device leave CUDA alone."""
     import torch
 
     from lmfleet.engine import runner
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", calls.append, raising=False)  # CPU builds
     runner.bind_device(torch.device("cuda", 1))
+    runner.bind_device(torch.device("cuda"))  # torch.cuda.set_device would raise here
     runner.bind_device(torch.device("cpu"))
-    assert calls == [torch.device("cuda", 1)]
+    assert calls == [1]
 
 
 def test_engine_loop_thread_binds_the_runner_device(tiny_model_dir, monkeypatch):

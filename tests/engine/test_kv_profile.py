@@ -115,26 +115,31 @@ def test_profiled_sizing_takes_every_term_from_the_probe(tiny_model_dir, monkeyp
 
 
 def test_profile_samples_every_sequence_the_costliest_way(tiny_model_dir, monkeypatch):
-    """The sampler's copies of the logits (penalties, top-k/top-p sorting, logprobs)
-    are part of a step's peak: the profiled step samples every row with all of them,
-    inside the measured call, and waits for the tokens."""
+    """The sampler's copies of the logits (penalties, top-k/top-p sorting, logprobs,
+    noise) are part of a step's peak: the profiled step samples every row with all of
+    them, inside the measured call, and waits for the tokens."""
     from lmfleet.engine.runner import PROFILE_SAMPLING
 
     probe = FakeProbe(total=GIB, free=GIB, allocated=0, reserved=0, activation=MIB)
     runner = make_runner(tiny_model_dir, probe, max_num_seqs=8, max_num_batched_tokens=100)
     seen = []
     sample = runner.sampler.sample
+    rng_before = runner.sampler.generator.get_state()
 
     def spy(logits, batch):
         pending = sample(logits, batch)
-        seen.append((tuple(logits.shape), batch.params, probe.profiled, pending))
+        seen.append((tuple(logits.shape), batch, probe.profiled, pending))
         return pending
 
     monkeypatch.setattr(runner.sampler, "sample", spy)
     runner.plan_kv_cache()
-    [(shape, params, profiled_before, pending)] = seen
+    [(shape, batch, profiled_before, pending)] = seen
     assert shape == (8, runner.arch.vocab_size) and profiled_before == 0
-    assert params == [PROFILE_SAMPLING] * 8
+    assert batch.params == [PROFILE_SAMPLING] * 8
+    # seeded and unseeded rows together (both noise buffers), and the sampler's own
+    # generator as it was: unseeded tokens do not depend on whether the profile ran
+    assert [g is not None for g in batch.generators] == [False, True] * 4
+    assert torch.equal(runner.sampler.generator.get_state(), rng_before)
     assert PROFILE_SAMPLING.has_penalties and PROFILE_SAMPLING.logprobs == 20
     assert PROFILE_SAMPLING.top_k > 0 and PROFILE_SAMPLING.top_p < 1
     result = pending.result()

@@ -55,10 +55,14 @@ def test_scale_tensor_names() -> None:
     assert kv_scale_tensor_layer("model.layers.12.self_attn.kv_scale") == (12, "kv")
     assert kv_scale_tensor_layer("model.layers.1.self_attn.k_proj.k_scale") == (1, "k")
     assert kv_scale_tensor_layer("model.layers.1.self_attn.v_proj.v_scale") == (1, "v")
+    assert kv_scale_tensor_layer("model.layers.4.self_attn.k_proj.output_scale") == (4, "k")
+    assert kv_scale_tensor_layer("model.layers.4.self_attn.v_proj.output_scale") == (4, "v")
     for other in (
         "model.layers.1.self_attn.k_proj.weight",
         "model.layers.1.self_attn.q_scale",
         "model.layers.1.self_attn.k_proj.v_scale",
+        "model.layers.1.self_attn.q_proj.output_scale",
+        "model.layers.1.self_attn.o_proj.output_scale",
         "lm_head.k_scale",
     ):
         assert kv_scale_tensor_layer(other) is None, other

@@ -11,7 +11,9 @@ Where the scales come from (``--kv-cache-scales``):
 
 - ``checkpoint``: fp8-KV checkpoints (llm-compressor, ModelOpt, Quark) carry scalar
   tensors ``model.layers.N.self_attn.k_scale`` and ``v_scale`` (older ones one
-  ``kv_scale`` for both; ModelOpt writes ``k_proj.k_scale`` and ``v_proj.v_scale``).
+  ``kv_scale`` for both; ModelOpt writes ``k_proj.k_scale`` and ``v_proj.v_scale``,
+  older llm-compressor and AutoFP8 exports ``k_proj.output_scale`` and
+  ``v_proj.output_scale``).
   :func:`checkpoint_kv_scales` reads them; ``auto`` uses them when present.
 - ``calibrate``: one prefill of :data:`CALIBRATION_TEXT` through the model with a
   full-precision scratch cache records each layer's largest ``|K|`` and ``|V|``;
@@ -88,7 +90,9 @@ CALIBRATION_RANDOM_TOKENS = 512
 #: the tensor names of checkpoint KV scales, by layer: (layer, which) with which in
 #: "k", "v" or "kv" (one scale for both)
 _SCALE_NAME = re.compile(
-    r"^model\.layers\.(\d+)\.self_attn\.(?:(k|v|kv)_scale|k_proj\.(k)_scale|v_proj\.(v)_scale)$"
+    r"^model\.layers\.(\d+)\.self_attn\."
+    r"(?:(k|v|kv)_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
+    r"|(k)_proj\.output_scale|(v)_proj\.output_scale)$"
 )
 
 
@@ -97,7 +101,7 @@ def kv_scale_tensor_layer(name: str) -> tuple[int, str] | None:
     match = _SCALE_NAME.match(name)
     if match is None:
         return None
-    which = match.group(2) or match.group(3) or match.group(4)
+    which = next(g for g in match.groups()[1:] if g)
     return int(match.group(1)), which
 
 

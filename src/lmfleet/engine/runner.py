@@ -58,8 +58,8 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 #: how every sequence of the KV-sizing profile samples: each costly sampler path at
-#: once (penalties over the prompt, top-k, top-p and min-p, 20 logprobs), so the
-#: profiled peak covers whatever requests ask for later
+#: once (penalties over the prompt, top-k, top-p and min-p, 20 logprobs; half the rows
+#: seeded), so the profiled peak covers what requests ask for later
 PROFILE_SAMPLING = SamplingParams(
     max_tokens=1,
     temperature=1.0,
@@ -80,8 +80,10 @@ def bind_device(device: torch.device) -> None:
     tensors are on, and ``torch.cuda.graph`` captures there too: with ``--device
     cuda:1`` and nothing else, kernels would go to GPU 0 with GPU 1's pointers. The
     current device is per thread, so every thread that runs the model calls this
-    (the loading thread in :class:`ModelRunner`, the engine loop)."""
-    if device.type == "cuda":
+    (the loading thread in :class:`ModelRunner`, the engine loop). A device without
+    an index (``cuda``) is left alone: :class:`ModelRunner` gives it the current one's
+    index first."""
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
 
 
@@ -141,12 +143,16 @@ class ModelRunner:
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = torch.device(model_config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" is the current device: name it, so other threads bind the same one
+            self.device = torch.device("cuda", torch.cuda.current_device())
         bind_device(self.device)
         self.model_dir = model_config.model
         from lmfleet.engine.models.config import ArchConfig
 
         arch = ArchConfig.from_dir(model_config.model)
-        if arch.quantization is not None and model_config.quantization not in (None, "fp8"):
+        fp8_kept = arch.quantization is not None and arch.quantization.strategy != "block"
+        if fp8_kept and model_config.quantization not in (None, "fp8"):
             raise ConfigError(
                 f"quantization: {model_config.model} already holds fp8 weights; "
                 f"--quantization {model_config.quantization} cannot requantize them (drop "
@@ -370,13 +376,24 @@ class ModelRunner:
         return max(peak - baseline, 0)
 
     def _profile_step(self, sched: SchedulerOutput) -> None:
-        """Forward, logits and sampling of the profile step, waited for."""
+        """Forward, logits and sampling of the profile step, waited for. Every other
+        row has its own generator (seeded and unseeded rows together keep the most
+        noise buffers alive); the sampler's own generator is left as it was, so
+        unseeded tokens do not depend on whether the profile ran."""
         logits = self._logits(self._prepare(sched))
         if logits is None:
             return
         requests = [item.request for item in sched.scheduled if item.samples]
-        batch = SamplingBatch.from_requests(requests, [None] * len(requests))
-        self.sampler.sample(logits, batch).result()
+        generators = [
+            torch.Generator(device=self.device).manual_seed(i) if i % 2 else None
+            for i in range(len(requests))
+        ]
+        batch = SamplingBatch.from_requests(requests, generators)
+        state = self.sampler.generator.get_state()
+        try:
+            self.sampler.sample(logits, batch).result()
+        finally:
+            self.sampler.generator.set_state(state)
 
     def _new_kv_caches(
         self,

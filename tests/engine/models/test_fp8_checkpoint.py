@@ -138,10 +138,52 @@ def test_block_wise_checkpoints_load_dequantized(src_dir, tmp_path, method, bloc
     assert all(len(t) == GREEDY.max_tokens for t in _tokens(LLM(str(out), progress=False)))
     requantized = LLM(str(out), progress=False, quantization="fp8")
     assert isinstance(requantized.core.runner.model.model.layers[0].self_attn.qkv_proj, Fp8Linear)
+    # dequantized weights are full precision: int8 is allowed too
+    int8 = LLM(str(out), progress=False, quantization="int8")
+    assert int8.core.runner.quantization == "int8"
 
 
 def _projections(weight_map: dict[str, str]) -> list[str]:
     return [n.removesuffix(".weight") for n in weight_map if n.endswith("_proj.weight")]
+
+
+def test_llm_compressor_variants_load(src_dir, tmp_path):
+    """What real exports vary in: scales stored in bf16 (llm-compressor keeps the model
+    dtype) and the older ``naive-quantized`` format name load as fp8 weights whose
+    scales are the stored bf16 values."""
+    out = write_fp8_checkpoint(src_dir, tmp_path / "bf16-scales", scale_dtype=torch.bfloat16)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["format"] = "naive-quantized"
+    (out / "config.json").write_text(json.dumps(cfg))
+    stored = load_file(str(out / "model.safetensors"))[f"{Q_PROJ}.weight_scale"]
+    assert stored.dtype == torch.bfloat16 and stored.shape == (128, 1)
+    loaded = load_model(out, dtype=torch.float32, device="cpu", progress=False)
+    q = loaded.model.get_submodule(Q_PROJ)
+    assert isinstance(q, Fp8Linear) and torch.equal(q.scale, stored.float().flatten())
+    assert loaded.num_quantized == 14
+
+
+def test_kv_cache_scheme_alone_quantizes_no_weights(src_dir, tmp_path):
+    """A compressed-tensors config with only a ``kv_cache_scheme`` (no config groups):
+    the weights load as they are and the per-layer K/V scales as the fp8 cache's."""
+    out = _copy(src_dir, tmp_path / "kv-only")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "dense",
+        "config_groups": {},
+        "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"},
+    }
+    (out / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(out / "model.safetensors"))
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.5 + layer)
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.25)
+    save_file(tensors, str(out / "model.safetensors"))
+    loaded = load_model(out, dtype=torch.float32, device="cpu", progress=False)
+    assert loaded.quantization is None and loaded.num_quantized == 0
+    assert loaded.kv_scales is not None
+    assert loaded.kv_scales.k == (0.5, 1.5) and loaded.kv_scales.v == (0.25, 0.25)
 
 
 def test_a_projection_left_unquantized_stays_unfused(src_dir, fp8_dir, tmp_path):

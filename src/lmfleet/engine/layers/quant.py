@@ -135,10 +135,17 @@ def dequantize_fp8_blocks(
     its ``block`` = (bn, bk) tile, ``scale`` being (ceil(out / bn), ceil(in / bk));
     partial tiles at the edges take their tile's scale. Exact: an e4m3 value times an
     fp32 scale rounds at most once, in fp32."""
+    return weight.float() * expand_block_scales(scale, block, weight.shape)  # (out, in)
+
+
+def expand_block_scales(
+    scale: torch.Tensor, block: tuple[int, int], shape: tuple[int, int] | torch.Size
+) -> torch.Tensor:
+    """Per-tile scales (ceil(out / bn), ceil(in / bk)) as one float32 scale per
+    element of an (out, in) ``shape``."""
     bn, bk = block
-    out, inp = weight.shape
-    full = scale.float().repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
-    return weight.float() * full  # (out, in)
+    out, inp = shape
+    return scale.float().repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
 
 
 class Fp8Linear(QuantizedLinear):

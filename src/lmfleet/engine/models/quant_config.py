@@ -5,8 +5,10 @@ Two ways of writing fp8 weights are read, the ones llm-compressor's ``FP8`` and
 ``FP8_DYNAMIC`` schemes and AutoFP8 produce (vLLM serves both):
 
 - ``quant_method: "compressed-tensors"`` with ``format: "float-quantized"`` (at the top
-  or per config group): every group's weights 8-bit ``float``, symmetric, strategy
-  ``channel`` (``weight_scale`` of shape (out, 1)) or ``tensor`` (one scale).
+  or per config group; early exports say ``naive-quantized``): every group's weights
+  8-bit ``float``, symmetric, strategy ``channel`` (``weight_scale`` of shape (out, 1))
+  or ``tensor`` (one scale). One with no ``config_groups`` quantizes only the KV cache
+  (``kv_cache_scheme``): its weights load as they are, its scales as KV scales.
 - ``quant_method: "fp8"`` without ``weight_block_size``: one ``weight_scale`` per
   tensor.
 
@@ -121,10 +123,12 @@ def _parse_fp8(raw: Mapping[str, Any], source: str) -> CheckpointQuantization:
 
 def _parse_compressed_tensors(raw: Mapping[str, Any], source: str) -> CheckpointQuantization:
     groups = raw.get("config_groups")
-    if not isinstance(groups, Mapping) or not groups:
-        raise ModelLoadError(
-            f"{source}: compressed-tensors quantization_config has no config_groups"
-        )
+    if not groups:
+        # fp8 KV-cache scales alone (kv_cache_scheme): the weights are not quantized,
+        # and the scale tensors load through lmfleet.engine.kv_scales
+        return None
+    if not isinstance(groups, Mapping):
+        raise ModelLoadError(f"{source}: quantization_config.config_groups must be an object")
     strategies: set[str] = set()
     blocks: set[tuple[int, int]] = set()
     static = False
@@ -133,7 +137,8 @@ def _parse_compressed_tensors(raw: Mapping[str, Any], source: str) -> Checkpoint
         if not isinstance(group, Mapping):
             raise ModelLoadError(f"{where} must be an object")
         fmt = group.get("format") or raw.get("format")
-        if fmt != "float-quantized":
+        # naive-quantized: what early Neural Magic fp8 exports declared for the same layout
+        if fmt not in ("float-quantized", "naive-quantized"):
             raise ModelLoadError(f"{where}: format {fmt!r} is unsupported; " + _UNSUPPORTED_HINT)
         weights = group.get("weights")
         if not isinstance(weights, Mapping):

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmfleet.engine.layers.quant import FP8_DTYPE, FP8_MAX, quantize_fp8_weight
+from lmfleet.engine.layers.quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    expand_block_scales,
+    quantize_fp8_weight,
+)
 from lmfleet.engine.models.config import ArchConfig
 from lmfleet.engine.models.registry import resolve
 
@@ -121,6 +126,7 @@ def write_fp8_checkpoint(
     static_input_scales: bool = False,
     block: tuple[int, int] = (128, 128),
     shard_bytes: int | None = None,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Copy the checkpoint in ``src_dir`` to ``out_dir`` with every decoder-layer
     projection stored as float8 e4m3 weights and scales, the way llm-compressor
@@ -133,7 +139,9 @@ def write_fp8_checkpoint(
     and scales are those :class:`~lmfleet.engine.layers.quant.Fp8Linear` computes when
     it quantizes the same weights at load time. Other files (tokenizer, ...) are
     copied; the weights go to one ``model.safetensors``, or to shards of about
-    ``shard_bytes``."""
+    ``shard_bytes``. ``scale_dtype`` is the scales' stored dtype (llm-compressor
+    stores them in the model's, e.g. bfloat16; the fp8 values are computed from the
+    rounded scales then, as it does)."""
     if method not in ("compressed-tensors", "fp8") or strategy not in (
         "channel",
         "tensor",
@@ -153,18 +161,20 @@ def write_fp8_checkpoint(
             quantized[name] = tensor
             continue
         prefix = name.removesuffix(".weight")
-        scale_name = "weight_scale"
+        w = tensor.float()
         if strategy == "channel":
-            q, scale = quantize_fp8_weight(tensor)
-            scale = scale[:, None]  # (out, 1), as compressed-tensors stores it
+            scale = quantize_fp8_weight(w)[1][:, None]  # (out, 1), as compressed-tensors
         elif strategy == "block":
-            q, scale = _quantize_fp8_blocks(tensor, block)
-            scale_name = "weight_scale_inv" if method == "fp8" else "weight_scale"
+            scale = _block_scales(w, block)  # (ceil(out / bn), ceil(in / bk))
         else:
-            scale = (tensor.float().abs().amax() / FP8_MAX).clamp(min=1e-12)  # ()
-            q = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        quantized[name] = q.contiguous()
-        quantized[f"{prefix}.{scale_name}"] = scale.float().contiguous()
+            scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)  # ()
+        scale = scale.to(scale_dtype).float()  # quantize against the scale as stored
+        full = expand_block_scales(scale, block, w.shape) if strategy == "block" else scale
+        quantized[name] = (w / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).contiguous()
+        scale_name = (
+            "weight_scale_inv" if (method, strategy) == ("fp8", "block") else "weight_scale"
+        )
+        quantized[f"{prefix}.{scale_name}"] = scale.to(scale_dtype).contiguous()
         if static_input_scales:
             quantized[f"{prefix}.input_scale"] = torch.tensor(0.05)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -218,21 +228,16 @@ def write_fp8_checkpoint(
     return out
 
 
-def _quantize_fp8_blocks(
-    weight: torch.Tensor, block: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8 (out, in) and one float32 scale per ``block`` tile (the tile's largest
-    |w| maps to 448), (ceil(out / bn), ceil(in / bk))."""
+def _block_scales(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """One float32 scale per ``block`` tile of ``weight`` (out, in): the tile's largest
+    |w| maps to 448; (ceil(out / bn), ceil(in / bk))."""
     bn, bk = block
     out, inp = weight.shape
-    w = weight.float()
     rows, cols = -(-out // bn), -(-inp // bk)
     padded = torch.zeros(rows * bn, cols * bk)
-    padded[:out, :inp] = w.abs()
+    padded[:out, :inp] = weight.abs()
     amax = padded.view(rows, bn, cols, bk).amax(dim=(1, 3))  # (rows, cols)
-    scale = (amax / FP8_MAX).clamp(min=1e-12)
-    full = scale.repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
-    return (w / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return (amax / FP8_MAX).clamp(min=1e-12)
 
 
 def _write_tensors(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int | None) -> None:
