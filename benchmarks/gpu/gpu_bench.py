@@ -265,10 +265,8 @@ def prefill_logits(
     ids = torch.tensor([t for p in prompts for t in p], device=device)
     pos = torch.cat([torch.arange(n) for n in lens]).to(device)
     if fn is not None:  # None: keep each layer's attention function as it is
-        # the Triton backend's attention over a written cache, as the runner sets it:
-        # with fused ops the q/k norm + rotary kernel then writes K/V
-        attend = ta.triton_attend if fn is ta.triton_paged_attention else None
-        model.set_attention_backend(fn, attend)
+        # as the runner sets it: with fused ops the q/k norm + rotary kernel writes K/V
+        model.set_attention_backend(fn, ta.attend_only(fn))
     with torch.inference_mode():
         hidden = model(ids, pos, caches, meta)
         return model.compute_logits(hidden).float().cpu()

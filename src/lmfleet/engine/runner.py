@@ -39,9 +39,9 @@ from lmfleet.engine.kv_sizing import (
 from lmfleet.engine.layers.quant import quantize_model
 from lmfleet.engine.layers.sampler import PendingSample, Sampler, SamplingBatch
 from lmfleet.engine.layers.triton_attention import (
+    attend_only,
     attention_backend,
     fp8_kv_supported,
-    triton_attend,
     triton_paged_attention,
 )
 from lmfleet.engine.layers.triton_fused import triton_fused_ops
@@ -169,13 +169,11 @@ class ModelRunner:
         # get their own per-channel scales, the same ones as separately)
         self.model.fuse_projections()
         self.attn_fn = attention_backend(self.device, model_config.attention_backend)
+        # with the Triton attention, the K/V write moves into the q/k norm + rotary
+        # kernel, one of the fused norm, rotary and silu kernels that come with it
+        self.model.set_attention_backend(self.attn_fn, attend_only(self.attn_fn))
         if self.attn_fn is triton_paged_attention:
-            # with the Triton attention come the fused norm, rotary and silu kernels,
-            # and the K/V write moves into the q/k norm + rotary kernel
-            self.model.set_attention_backend(self.attn_fn, triton_attend)
             self.model.set_fused_ops(triton_fused_ops())
-        else:
-            self.model.set_attention_backend(self.attn_fn)
         #: the weights' quantization: the checkpoint's own, or --quantization's
         self.quantization = loaded.quantization or model_config.quantization
         if loaded.quantization is None and model_config.quantization is not None:

@@ -318,6 +318,18 @@ def _check_cache(kv_cache: torch.Tensor) -> None:
         raise ValueError("kv_cache's last dimension must be contiguous")
 
 
+def check_writable_cache(kv_cache: torch.Tensor) -> bool:
+    """What a kernel that stores K/V by flat slot needs of ``kv_cache``: blocks laid out
+    back to back (block and position collapse into one slot stride) and, for an fp8
+    cache, a device that can store fp8. Returns whether the cache is fp8."""
+    if kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
+        raise ValueError("kv_cache's blocks must be laid out back to back")
+    fp8 = is_fp8(kv_cache.dtype)
+    if fp8:
+        _check_fp8_device(kv_cache.device)
+    return fp8
+
+
 def triton_write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -340,14 +352,9 @@ def triton_write_kv(
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    fp8 = is_fp8(kv_cache.dtype)
-    if fp8:
-        _check_fp8_device(kv_cache.device)
-    elif k.dtype != kv_cache.dtype or v.dtype != kv_cache.dtype:
+    fp8 = check_writable_cache(kv_cache)
+    if not fp8 and (k.dtype != kv_cache.dtype or v.dtype != kv_cache.dtype):
         k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
-    # the cache's block and position dims collapse into one slot stride
-    if kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
-        raise ValueError("kv_cache's blocks must be laid out back to back")
     nxt = kern["next_power_of_2"]
     kern["write_kv"][(num_tokens,)](
         k,
@@ -509,6 +516,14 @@ def triton_attend(
 AttentionFn = Callable[..., torch.Tensor]
 
 
+def attend_only(fn: AttentionFn) -> Callable[..., torch.Tensor] | None:
+    """The attention half of the write-and-attend backend ``fn``, for layers whose
+    fused ops write the cache themselves: :func:`triton_attend` for
+    :func:`triton_paged_attention`; None for a backend without one (the torch
+    reference)."""
+    return triton_attend if fn is triton_paged_attention else None
+
+
 def attention_backend(device: torch.device | str, name: str = "auto") -> AttentionFn:
     """The paged-attention function for ``device``: ``"triton"``, ``"torch"`` (the CPU
     reference), or ``"auto"`` (Triton on CUDA when it is installed, else torch)."""
@@ -529,7 +544,9 @@ def attention_backend(device: torch.device | str, name: str = "auto") -> Attenti
 
 __all__ = [
     "TritonUnavailable",
+    "attend_only",
     "attention_backend",
+    "check_writable_cache",
     "fp8_kv_supported",
     "triton_attend",
     "triton_attention",

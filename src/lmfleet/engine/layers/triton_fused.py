@@ -57,8 +57,8 @@ from lmfleet.engine.layers import triton_attention
 from lmfleet.engine.layers.attention import FP8_KV_MAX, check_kv_scales, inverse_scale, is_fp8
 from lmfleet.engine.layers.triton_attention import (
     _check_cache,
-    _check_fp8_device,
     _interpreting,
+    check_writable_cache,
     import_triton,
 )
 
@@ -485,12 +485,9 @@ def qk_norm_rope_write_kv(
         qk.launch(q_out, k_out, eps)
         triton_attention.triton_write_kv(k_out, v, kv_cache, slot_mapping, k_scale, v_scale)
         return q_out
-    if fp8:
-        _check_fp8_device(kv_cache.device)
+    check_writable_cache(kv_cache)
     if v.stride(-1) != 1:
         v = v.contiguous()
-    if kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
-        raise ValueError("kv_cache's blocks must be laid out back to back")
     qk.launch(
         q_out,
         None,

@@ -56,10 +56,13 @@ class LoadedModel:
     bytes_per_second: float
     #: the checkpoint's fp8 KV-cache scales, None when it has none
     kv_scales: KVScales | None = None
-    #: "fp8" when the checkpoint's own fp8 weights were loaded (into ``Fp8Linear``)
-    quantization: str | None = None
-    #: how many projections hold those fp8 weights
+    #: how many projections hold the checkpoint's own fp8 weights (in ``Fp8Linear``)
     num_quantized: int = 0
+
+    @property
+    def quantization(self) -> str | None:
+        """``"fp8"`` when the checkpoint's own fp8 weights were loaded as such."""
+        return "fp8" if self.num_quantized else None
 
 
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], Path, dict[str, str] | None]:
@@ -206,9 +209,7 @@ def load_model(
         seconds,
         rate / 1e6,
     )
-    return LoadedModel(
-        model, arch, num_bytes, seconds, rate, kv_scales, "fp8" if num_fp8 else None, num_fp8
-    )
+    return LoadedModel(model, arch, num_bytes, seconds, rate, kv_scales, num_fp8)
 
 
 def _read_file(
