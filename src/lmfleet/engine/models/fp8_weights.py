@@ -82,7 +82,7 @@ class Fp8Tensor:
                     f"{path}: tensor {name} has dtype {tensor.dtype}; an fp8 projection's "
                     f"weight must be {FP8_DTYPE} (it has scales)"
                 )
-            _check_shape(path, name, tensor, (out, inp))
+            check_shape(path, name, tuple(tensor.shape), (out, inp))
         if self.kind == "weight":
             mod.weight = tensor.to(device)
         elif self.kind == "weight_scale":
@@ -95,13 +95,13 @@ class Fp8Tensor:
             _check_scales(path, name, scale)
             mod.scale = scale.contiguous().to(device)
         elif self.kind == "bias":
-            _check_shape(path, name, tensor, (out,))
+            check_shape(path, name, tuple(tensor.shape), (out,))
             mod.bias = tensor.to(device=device, dtype=dtype)
         elif self.kind in ("block_weight", "block_scale"):
             assert self.pair is not None
             if self.kind == "block_scale":
                 bn, bk = self.pair.block
-                _check_shape(path, name, tensor, (-(-out // bn), -(-inp // bk)))
+                check_shape(path, name, tuple(tensor.shape), (-(-out // bn), -(-inp // bk)))
                 if not tensor.is_floating_point():
                     raise ModelLoadError(f"{path}: tensor {name} has dtype {tensor.dtype}")
                 _check_scales(path, name, tensor.float())
@@ -113,10 +113,12 @@ class Fp8Tensor:
             )
 
 
-def _check_shape(path: Path, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != want:
+def check_shape(path: Path, name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    """Raise ``ModelLoadError`` when checkpoint tensor ``name`` of ``path`` has
+    ``shape`` where the model expects ``want`` (for every tensor the loader reads)."""
+    if shape != want:
         raise ModelLoadError(
-            f"{path}: tensor {name} has shape {list(tensor.shape)}, the model expects {list(want)}"
+            f"{path}: tensor {name} has shape {list(shape)}, the model expects {list(want)}"
         )
 
 
@@ -184,4 +186,4 @@ def _tensor_names(files: list[Path]) -> list[str]:
     return names
 
 
-__all__ = ["Fp8Tensor", "install_fp8_layers"]
+__all__ = ["Fp8Tensor", "check_shape", "install_fp8_layers"]

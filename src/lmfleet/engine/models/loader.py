@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lmfleet.engine.kv_scales import KVScales, checkpoint_kv_scales, kv_scale_tensor_layer
 from lmfleet.engine.models.config import ArchConfig
-from lmfleet.engine.models.fp8_weights import Fp8Tensor, install_fp8_layers
+from lmfleet.engine.models.fp8_weights import Fp8Tensor, check_shape, install_fp8_layers
 from lmfleet.engine.models.llama import LlamaForCausalLM
 from lmfleet.engine.models.quant_config import WEIGHT_SCALE
 from lmfleet.engine.models.registry import resolve
@@ -232,11 +232,7 @@ def _read_file(
                         continue
                     raise ModelLoadError(f"{path}: unexpected tensor {name} (not in the model)")
                 shape = tuple(f.get_slice(name).get_shape())
-                want = tuple(params[name].shape)
-                if shape != want:
-                    raise ModelLoadError(
-                        f"{path}: tensor {name} has shape {list(shape)}, the model expects {list(want)}"
-                    )
+                check_shape(path, name, shape, tuple(params[name].shape))
                 tensor = f.get_tensor(name)
                 if not tensor.is_floating_point():
                     raise ModelLoadError(
