@@ -226,16 +226,20 @@ def test_fp8_cache_with_scales_matches_reference(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_write_saturates(dtype: torch.dtype) -> None:
+    """Values beyond +-448 (and inf) store +-448; fp8 subnormals and values that round
+    to zero store torch's bytes, the sign of a zero included."""
     cache = torch.full((2, 2, 16, 2, 16), float("nan"), dtype=torch.float8_e4m3fn, device=DEVICE)
-    k = torch.randn(3, 2, 16, device=DEVICE) * 300  # many beyond +-448
-    k[0, 0, :3] = torch.tensor([1e4, -1e4, float("inf")])
-    k, v = k.to(dtype), (-k / 1000).to(dtype)  # v: small values, subnormals in fp8
+    k = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(5)) * 300
+    k[0, 0, :3] = torch.tensor([1e4, -1e4, float("inf")])  # many others are beyond +-448 too
+    k[0, 1, :2] = torch.tensor([0.3, -0.3])  # v = -+3e-4: rounds to -0 and +0
+    k, v = k.to(DEVICE, dtype), (-k / 1000).to(DEVICE, dtype)  # v: fp8 subnormals
     triton_write_kv(k, v, cache, torch.tensor([3, 17, 30], device=DEVICE))
     flat = cache.view(2, -1, 2, 16).cpu()
     for i, (got, want) in enumerate(((flat[0], k), (flat[1], v))):
         got, want = got[[3, 17, 30]].view(torch.uint8), to_fp8(want.cpu()).view(torch.uint8)
         assert torch.equal(got, want), i
     assert flat[0, 3, 0, :3].float().tolist() == [448.0, -448.0, 448.0]
+    assert flat[1, 3, 1, :2].view(torch.uint8).tolist() == [0x80, 0x00]
 
 
 @pytest.mark.gpu
