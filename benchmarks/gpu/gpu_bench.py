@@ -6,19 +6,11 @@ pip-installed). Every phase is time-boxed; a phase that fails is recorded in the
 (``phases.<name>.error``) and the next one runs. The JSON is rewritten after every
 phase, so a run killed at its limit still leaves what it measured.
 
-Phases, in order:
+Phases, in order: the headline figures first (throughput, batch 1, transformers), so
+that a run that overruns its budget loses diagnostics, not them.
 
 1. ``model``: write the random ``qwen3-0.6b`` preset (bf16) to a local directory.
-2. ``logits``: one prefill forward of a few prompts, float32 on CPU (the reference)
-   against bf16 on the GPU through the Triton backend: relative error of the logits.
-3. ``greedy``: greedy tokens of the same prompts, float32 on CPU against float32 on
-   the GPU (Triton backend): where the first mismatch is, per prompt; and bf16 on the
-   GPU with decode CUDA graphs against the same engine with ``enforce_eager``, and
-   against the graphs without async scheduling.
-4. ``kernels``: the Triton attention kernels against the torch reference on the
-   GPU (mixed prefill/decode batches over shuffled block tables), and a decode
-   attention timing (GB/s over the K/V bytes read).
-5. ``throughput``: ``--num-requests`` (256) requests, prompt and output lengths
+2. ``throughput``: ``--num-requests`` (256) requests, prompt and output lengths
    uniform in [100, 1024], EOS ignored, greedy, all submitted at once through the
    engine (bf16, Triton attention, decode CUDA graphs) → ``out_tok_s``; KV blocks
    and how their budget was sized (``kv_sizing``: weights, profiled activation
@@ -26,20 +18,30 @@ Phases, in order:
    time. Then one request alone, 128-token prompt, 128 outputs →
    ``batch1_ms_per_token``, and again with async scheduling off →
    ``batch1_sync_ms_per_token``.
-6. ``batch1_eager``: the same batch-1 run with ``enforce_eager`` (no graphs), then a
+3. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
+   the first ``--hf-requests`` requests of the same workload under ``no_grad`` →
+   ``hf_out_tok_s``. transformers' reference rate on an H200 is ~744 tok/s, so the
+   full 256 requests would take ~3 minutes: the subset keeps the run short.
+4. ``greedy``: greedy tokens of a few short prompts, float32 on CPU against float32
+   on the GPU (Triton backend): where the first mismatch is, per prompt; and bf16 on
+   the GPU with decode CUDA graphs against the same engine with ``enforce_eager``,
+   and against the graphs without async scheduling.
+5. ``logits``: one prefill forward of the same prompts, float32 on CPU (the
+   reference) against bf16 on the GPU through the Triton backend: relative error of
+   the logits; and the quality cost of the fp8 KV cache (unit scales and scales from
+   the prompts' own |K| and |V|), int8 weights and fp8 weights against bf16.
+6. ``fp8_kv``: phase 2's workload with ``kv_cache_dtype="fp8"`` → ``out_tok_s`` and
+   the KV blocks the same budget buys (scales calibrated at startup, the default;
+   ``kv_scales`` says which).
+7. ``fp8``: phase 2's workload with fp8 weights (``quantization="fp8"``).
+8. ``batch1_eager``: the same batch-1 run with ``enforce_eager`` (no graphs), then a
    kernel-by-kernel profile of decode steps at batch 1 and at batch 64 (512-token
    contexts): device time and launches per step, the top kernels
    (``profile_batch1``, ``profile_batch64``; ``throughput`` has the same at batch 1
    through the graphs, ``profile_batch1_graphs``).
-7. ``fp8_kv``: phase 5's workload with ``kv_cache_dtype="fp8"`` → ``out_tok_s`` and
-   the KV blocks the same budget buys (scales calibrated at startup, the default;
-   ``kv_scales`` says which). Phase 2 compares the fp8 cache's logits with the bf16
-   cache's, with unit scales and with scales from the prompts' own |K| and |V|.
-8. ``fp8``: phase 5's workload with fp8 weights (``quantization="fp8"``).
-9. ``hf``: transformers continuous batching (the manager ``generate_batch`` uses) on
-   the first ``--hf-requests`` requests of the same workload under ``no_grad`` →
-   ``hf_out_tok_s``. transformers' reference rate on an H200 is ~744 tok/s, so the
-   full 256 requests would take ~3 minutes: the subset keeps the run short.
+9. ``kernels``: the Triton attention kernels against the torch reference on the
+   GPU (mixed prefill/decode batches over shuffled block tables), and a decode
+   attention timing (GB/s over the K/V bytes read).
 
 A workload phase that reaches its time cap stops submitting steps and reports the
 tokens generated so far over the time taken (``timed_out: true``); rates from a
@@ -765,6 +767,18 @@ def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]
 
 
 # ---- main --------------------------------------------------------------------------
+#: transformers generate_batch on this workload on an H200, output tok/s (REFERENCE.md)
+HF_REFERENCE_H200 = 744.0
+
+
+def _ratio(out_tok_s: float | None, hf: dict) -> float | None:
+    """``out_tok_s`` over ``hf["hf_out_tok_s"]``, or None when either is missing."""
+    base = hf.get("hf_out_tok_s")
+    if not out_tok_s or not base:
+        return None
+    return round(out_tok_s / base, 2)
+
+
 def _device_tag(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device).lower()
@@ -856,23 +870,24 @@ def main(argv: list[str] | None = None) -> int:
     short = [[rng.randrange(4, vocab) for _ in range(n)] for n in (5, 17, 33, 64)]
     prompts, out_lens = workload(args.num_requests, vocab, args.min_len, args.max_len)
 
+    # headline figures first: a run past its budget skips the diagnostics at the end
     phases = [
-        ("logits", phase_logits(args, model_dir, short), 90),
-        ("greedy", phase_greedy(args, model_dir, short), 90),
-        ("kernels", phase_kernels(args), 60),
         (
             "throughput",
             phase_throughput(args, model_dir, prompts, out_lens, batch1=True),
             args.cap_throughput_s,
         ),
-        ("batch1_eager", phase_batch1_eager(args, model_dir), 60),
+        ("hf", phase_hf(args, model_dir, prompts, out_lens), args.cap_hf_s),
+        ("greedy", phase_greedy(args, model_dir, short), 90),
+        ("logits", phase_logits(args, model_dir, short), 90),
         (
             "fp8_kv",
             phase_throughput(args, model_dir, prompts, out_lens, kv_cache_dtype="fp8"),
             args.cap_fp8_s,
         ),
         ("fp8", phase_throughput(args, model_dir, prompts, out_lens, "fp8"), args.cap_fp8_s),
-        ("hf", phase_hf(args, model_dir, prompts, out_lens), args.cap_hf_s),
+        ("batch1_eager", phase_batch1_eager(args, model_dir), 60),
+        ("kernels", phase_kernels(args), 60),
     ]
     for name, fn, cap in phases:
         if name in skip or (args.smoke and name == "kernels"):
@@ -897,6 +912,12 @@ def main(argv: list[str] | None = None) -> int:
         "fp8_kv_blocks": ph.get("fp8_kv", {}).get("kv_blocks"),
         "fp8_out_tok_s": ph.get("fp8", {}).get("out_tok_s"),
         "hf_out_tok_s": ph.get("hf", {}).get("hf_out_tok_s"),
+        "ratio_vs_hf": _ratio(ph.get("throughput", {}).get("out_tok_s"), ph.get("hf", {})),
+        # transformers' rate on the full workload, measured on an H200 (REFERENCE.md):
+        # the measured subset above is time-capped and may be biased low
+        "ratio_vs_hf_reference_744": _ratio(
+            ph.get("throughput", {}).get("out_tok_s"), {"hf_out_tok_s": HF_REFERENCE_H200}
+        ),
         "logits_rel_err": ph.get("logits", {}).get("logits_rel_err_bf16_vs_fp32"),
         "quality_vs_bf16": ph.get("logits", {}).get("quality_vs_bf16"),
         "greedy_identical_fp32": ph.get("greedy", {}).get("identical"),
