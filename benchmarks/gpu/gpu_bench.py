@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -126,9 +127,17 @@ class Run:
                 log(f"{name}: FAILED {rec['error']}")
             rec["seconds"] = round(time.perf_counter() - t, 2)
             log(f"{name}: done in {rec['seconds']}s")
+        _free()
+        if torch.cuda.is_available():  # what the phase left behind: a leak shows here
+            free, total = torch.cuda.mem_get_info()
+            rec["cuda_after_GiB"] = {
+                "allocated": round(torch.cuda.memory_allocated() / 2**30, 2),
+                "reserved": round(torch.cuda.memory_reserved() / 2**30, 2),
+                "free": round(free / 2**30, 2),
+                "total": round(total / 2**30, 2),
+            }
         self.doc["phases"][name] = rec
         self.save()
-        _free()
         return rec
 
 
@@ -206,7 +215,7 @@ def drive(llm: LLM, prompts, out_lens, cap_s: float, tag: str) -> dict:
         "requested_output_tokens": sum(out_lens),
         "steps": steps,
         "wall_s": round(seconds, 3),
-        "out_tok_s": round(generated / seconds, 1) if seconds > 0 else None,
+        "out_tok_s": round(generated / seconds, 1) if generated and seconds > 0 else None,
         "timed_out": timed_out,
         "async_scheduling": core.async_scheduling,
     }
@@ -561,6 +570,7 @@ def phase_throughput(
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         rec.update(drive(llm, prompts, out_lens, cap - 15, "tp"))
+        log(f"  tp: out_tok_s {rec['out_tok_s']} ({rec['output_tokens']} tokens)")
         stats = llm.core.stats()
         rec["kv_blocks"] = stats.num_blocks
         # how the KV budget was derived (profiled forward); null on CPU or a fixed budget
@@ -573,15 +583,31 @@ def phase_throughput(
             rec["peak_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             layout = llm.core.runner.layout
             rec["kv_cache_GiB"] = round(layout.num_bytes / 2**30, 2) if layout else None
-        if batch1:
-            rec["batch1"] = _batch1(llm, llm.core.vocab_size)
-            rec["batch1_sync"] = _batch1_sync(llm, llm.core.vocab_size)
+        if batch1:  # each part on its own: a failure here keeps out_tok_s above
+            vocab = llm.core.vocab_size
+            _part(rec, "batch1", functools.partial(_batch1, llm, vocab))
+            _part(rec, "batch1_sync", functools.partial(_batch1_sync, llm, vocab))
             # the GPU time of a batch-1 decode step replayed from a CUDA graph
-            rec["profile_batch1_graphs"] = _profile_decode(llm, 1, args.profile_context, 8)
+            _part(
+                rec,
+                "profile_batch1_graphs",
+                functools.partial(_profile_decode, llm, 1, args.profile_context, 8),
+            )
         del llm
         return rec
 
     return run
+
+
+def _part(rec: dict, key: str, fn: Callable[[], dict]) -> None:
+    """``rec[key] = fn()``, or the error and its traceback under ``rec[key]``."""
+    try:
+        rec[key] = fn()
+        if "batch1_ms_per_token" in rec[key]:
+            log(f"  {key}: {rec[key]['batch1_ms_per_token']} ms/token")
+    except Exception as exc:
+        rec[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(8)}
+        log(f"  {key}: FAILED {rec[key]['error']}")
 
 
 def phase_batch1_eager(args, model_dir: str) -> Callable[[float], dict]:
@@ -610,12 +636,16 @@ def _profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict:
     """Device time per decode step by kernel (``torch.profiler``), over ``steps``
     decode steps of ``batch`` sequences with ``prompt_len``-token prompts. On CPU the
     times are the ops' CPU times."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     core = llm.core
     rng = random.Random(3)
     vocab = core.vocab_size
-    sp = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    # the prompts prefill over several steps, and decodes run beside them: enough
+    # tokens that the first sequences are still running when the last prefill ends
+    prefill_steps = -(-batch * prompt_len // core.config.scheduler.max_num_batched_tokens)
+    sp = SamplingParams(max_tokens=steps + prefill_steps + 4, temperature=0.0, ignore_eos=True)
     now = time.monotonic()
     for i in range(batch):
         prompt = [rng.randrange(4, vocab) for _ in range(prompt_len)]
@@ -638,8 +668,11 @@ def _profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict:
     rows = []
     for e in prof.key_averages():
         if cuda:
-            t = getattr(e, "self_device_time_total", None)
-            t = t if t is not None else getattr(e, "self_cuda_time_total", 0)
+            # kernels and copies only: a CPU op's self device time is its kernels'
+            # (counted again by their own rows), as in torch's own table
+            if e.device_type != DeviceType.CUDA or e.is_user_annotation:
+                continue
+            t = e.self_device_time_total
         else:
             t = e.self_cpu_time_total
         if t > 0:
@@ -714,7 +747,9 @@ def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]
         )
         rec: dict = {"transformers": transformers.__version__, "requests": n}
 
-        def manager_run(model, ps, ls, deadline: float) -> tuple[int, int, bool]:
+        def manager_run(model, ps, ls, deadline: float) -> tuple[int, int, bool, float]:
+            """(output tokens of finished requests, finished, timed out, end time): the
+            end is taken before the manager's exit, which joins its thread."""
             kwargs = {"generation_config": config, "block": True, "timeout": 5}
             try:
                 from transformers.generation.continuous_batching.utils import WorkloadHints
@@ -734,7 +769,7 @@ def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]
                 ]
                 while len(done) < len(ids):
                     if time.perf_counter() > deadline:
-                        return sum(done.values()), len(done), True
+                        return sum(done.values()), len(done), True, time.perf_counter()
                     result = manager.get_result(timeout=1)
                     if result is not None and result.is_finished():
                         if result.error is not None:
@@ -742,13 +777,14 @@ def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]
                         done[result.request_id] = len(result.generated_tokens)
                     elif result is None and not manager.is_running():
                         raise RuntimeError("transformers' continuous batching loop died")
-            return sum(done.values()), len(done), False
+                end = time.perf_counter()
+            return sum(done.values()), len(done), False, end
 
         with torch.no_grad():
             manager_run(model, [[7] * 48, [8] * 40], [8, 8], time.perf_counter() + 120)
             t = time.perf_counter()
-            got, finished, timed_out = manager_run(model, ps, ls, t + cap - 20)
-            seconds = time.perf_counter() - t
+            got, finished, timed_out, end = manager_run(model, ps, ls, t + cap - 20)
+            seconds = end - t
         rec.update(
             {
                 "finished": finished,
@@ -767,6 +803,9 @@ def phase_hf(args, model_dir: str, prompts, out_lens) -> Callable[[float], dict]
 
 
 # ---- main --------------------------------------------------------------------------
+#: seconds a phase needs to measure anything (engine start, warm-up and graph capture
+#: come out of its cap before the timed part); with less budget left it is skipped
+MIN_S = {"throughput": 45, "hf": 45, "fp8_kv": 45, "fp8": 45, "greedy": 30, "batch1_eager": 30}
 #: transformers generate_batch on this workload on an H200, output tok/s (REFERENCE.md)
 HF_REFERENCE_H200 = 744.0
 
@@ -893,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in skip or (args.smoke and name == "kernels"):
             run.doc["phases"][name] = {"skipped": "--skip" if name in skip else "--smoke"}
             continue
-        run.phase(name, fn, cap)
+        run.phase(name, fn, cap, min_s=MIN_S.get(name, 5))
 
     ph = run.doc["phases"]
     summary = {

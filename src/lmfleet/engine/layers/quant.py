@@ -88,7 +88,10 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         return y if self.bias is None else y + self.bias
 
 
+@functools.cache
 def _fp8_matmul_supported(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` runs on ``device`` (CUDA, compute capability 8.9+);
+    cached, as every eager fp8 forward asks."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
