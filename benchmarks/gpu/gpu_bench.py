@@ -658,7 +658,8 @@ def _profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict:
     running = core.scheduler.num_running  # what the steps below really decode
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    # one cycle, so acc_events changes nothing but torch 2.11's warning that it is off
+    with profile(activities=activities, acc_events=True) as prof:
         for _ in range(steps):
             core.step()
         if cuda:
