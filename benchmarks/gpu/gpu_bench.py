@@ -811,9 +811,8 @@ MIN_S = {"throughput": 45, "hf": 45, "fp8_kv": 45, "fp8": 45, "greedy": 30, "bat
 HF_REFERENCE_H200 = 744.0
 
 
-def _ratio(out_tok_s: float | None, hf: dict) -> float | None:
-    """``out_tok_s`` over ``hf["hf_out_tok_s"]``, or None when either is missing."""
-    base = hf.get("hf_out_tok_s")
+def _ratio(out_tok_s: float | None, base: float | None) -> float | None:
+    """``out_tok_s / base``, or None when either is missing (or zero)."""
     if not out_tok_s or not base:
         return None
     return round(out_tok_s / base, 2)
@@ -936,8 +935,10 @@ def main(argv: list[str] | None = None) -> int:
         run.phase(name, fn, cap, min_s=MIN_S.get(name, 5))
 
     ph = run.doc["phases"]
+    out_tok_s = ph.get("throughput", {}).get("out_tok_s")
+    hf_out_tok_s = ph.get("hf", {}).get("hf_out_tok_s")
     summary = {
-        "out_tok_s": ph.get("throughput", {}).get("out_tok_s"),
+        "out_tok_s": out_tok_s,
         "batch1_ms_per_token": ph.get("throughput", {})
         .get("batch1", {})
         .get("batch1_ms_per_token"),
@@ -951,13 +952,11 @@ def main(argv: list[str] | None = None) -> int:
         "fp8_kv_out_tok_s": ph.get("fp8_kv", {}).get("out_tok_s"),
         "fp8_kv_blocks": ph.get("fp8_kv", {}).get("kv_blocks"),
         "fp8_out_tok_s": ph.get("fp8", {}).get("out_tok_s"),
-        "hf_out_tok_s": ph.get("hf", {}).get("hf_out_tok_s"),
-        "ratio_vs_hf": _ratio(ph.get("throughput", {}).get("out_tok_s"), ph.get("hf", {})),
+        "hf_out_tok_s": hf_out_tok_s,
+        "ratio_vs_hf": _ratio(out_tok_s, hf_out_tok_s),
         # transformers' rate on the full workload, measured on an H200 (REFERENCE.md):
         # the measured subset above is time-capped and may be biased low
-        "ratio_vs_hf_reference_744": _ratio(
-            ph.get("throughput", {}).get("out_tok_s"), {"hf_out_tok_s": HF_REFERENCE_H200}
-        ),
+        "ratio_vs_hf_reference_744": _ratio(out_tok_s, HF_REFERENCE_H200),
         "logits_rel_err": ph.get("logits", {}).get("logits_rel_err_bf16_vs_fp32"),
         "quality_vs_bf16": ph.get("logits", {}).get("quality_vs_bf16"),
         "greedy_identical_fp32": ph.get("greedy", {}).get("identical"),

@@ -47,10 +47,10 @@ def test_phase_results_errors_and_skips_are_recorded(gpu_bench, tmp_path: Path) 
 
 
 def test_ratios(gpu_bench) -> None:
-    assert gpu_bench._ratio(20_000.0, {"hf_out_tok_s": 800.0}) == 25.0
-    assert gpu_bench._ratio(None, {"hf_out_tok_s": 800.0}) is None
-    assert gpu_bench._ratio(20_000.0, {}) is None
-    assert gpu_bench._ratio(20_000.0, {"hf_out_tok_s": 0}) is None
+    assert gpu_bench._ratio(20_000.0, 800.0) == 25.0
+    assert gpu_bench._ratio(None, 800.0) is None
+    assert gpu_bench._ratio(20_000.0, None) is None
+    assert gpu_bench._ratio(20_000.0, 0) is None
 
 
 def test_decode_profile_decodes_the_whole_batch(gpu_bench, tiny_model_dir: Path) -> None:
