@@ -121,7 +121,7 @@ def _parse_fp8(raw: Mapping[str, Any], source: str) -> CheckpointQuantization:
     )
 
 
-def _parse_compressed_tensors(raw: Mapping[str, Any], source: str) -> CheckpointQuantization:
+def _parse_compressed_tensors(raw: Mapping[str, Any], source: str) -> CheckpointQuantization | None:
     groups = raw.get("config_groups")
     if not groups:
         # fp8 KV-cache scales alone (kv_cache_scheme): the weights are not quantized,

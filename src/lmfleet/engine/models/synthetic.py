@@ -24,6 +24,7 @@ from lmfleet.engine.layers.quant import (
     quantize_fp8_weight,
 )
 from lmfleet.engine.models.config import ArchConfig
+from lmfleet.engine.models.quant_config import INPUT_SCALE, CheckpointQuantization
 from lmfleet.engine.models.registry import resolve
 
 _MODEL_TYPES = {
@@ -150,6 +151,11 @@ def write_fp8_checkpoint(
         raise ValueError(f"unsupported fp8 layout: method {method!r}, strategy {strategy!r}")
     if method == "fp8" and strategy == "channel":
         raise ValueError("quant_method 'fp8' checkpoints have per-tensor or block scales")
+    # the loader's own rule for the scale tensor's name (weight_scale or weight_scale_inv)
+    layout = CheckpointQuantization(
+        method, strategy, static_input_scales, block if strategy == "block" else None
+    )
+    scale_name = layout.scale_name
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -171,12 +177,9 @@ def write_fp8_checkpoint(
         scale = scale.to(scale_dtype).float()  # quantize against the scale as stored
         full = expand_block_scales(scale, block, w.shape) if strategy == "block" else scale
         quantized[name] = (w / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).contiguous()
-        scale_name = (
-            "weight_scale_inv" if (method, strategy) == ("fp8", "block") else "weight_scale"
-        )
         quantized[f"{prefix}.{scale_name}"] = scale.to(scale_dtype).contiguous()
         if static_input_scales:
-            quantized[f"{prefix}.input_scale"] = torch.tensor(0.05)
+            quantized[f"{prefix}.{INPUT_SCALE}"] = torch.tensor(0.05)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     if method == "fp8":
         quant: dict[str, Any] = {
@@ -212,16 +215,9 @@ def write_fp8_checkpoint(
             },
         }
     config["quantization_config"] = quant
+    rewritten = ("config.json", "model.safetensors.index.json")
     for path in src.iterdir():
-        if (
-            path.is_file()
-            and path.suffix != ".safetensors"
-            and path.name
-            not in (
-                "config.json",
-                "model.safetensors.index.json",
-            )
-        ):
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in rewritten:
             shutil.copy2(path, out / path.name)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     _write_tensors(out, quantized, shard_bytes)
