@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 
 from lmfleet import __version__
+from lmfleet.engine_flags import add_shared_engine_flags, default_model
 from lmfleet.errors import LmfleetError
 
-DEFAULT_MODEL_DIR = (
-    Path(os.environ.get("LMFLEET_HOME", Path.home() / ".cache" / "lmfleet")) / "models"
-)
+__all__ = ["add_shared_engine_flags", "build_parser", "default_model", "main"]
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -23,8 +20,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         help="Hugging Face checkpoint directory (config.json, *.safetensors, "
-        "tokenizer.json). Default: a random 'tiny' model created on first use under "
-        f"{DEFAULT_MODEL_DIR}.",
+        "tokenizer.json), a GGUF file (or a directory holding one), or a built-in model "
+        "name. Default: the built-in smollm2-135m-instruct (alias default), a 98 MB "
+        "SmolLM2-135M-Instruct GGUF that scripts/setup.sh installs",
     )
     g.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)"
@@ -45,117 +43,6 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_shared_engine_flags(g)
 
 
-def add_shared_engine_flags(g: argparse._ArgumentGroup) -> None:
-    """The engine flags ``lmfleet generate`` and ``lmfleet serve`` share, with the
-    same defaults (``--device``, ``--kv-cache-memory`` and the prefix-caching switch
-    differ between them and stay with each). argparse checks the choices, so a typo
-    fails before any weights load."""
-    from lmfleet.engine.config import (
-        ATTENTION_BACKENDS,
-        KV_CACHE_DTYPES,
-        KV_CACHE_SCALES,
-        QUANTIZATIONS,
-        describe_choices,
-    )
-
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight and activation dtype; auto = float32 on CPU, the checkpoint's half "
-        "type on a GPU (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        help="context length (default: the model's max_position_embeddings)",
-    )
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=256,
-        help="most sequences in one batch; env MAX_BATCH_SIZE (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one engine step; env MAX_NUM_BATCHED_TOKENS (default: %(default)s)",
-    )
-    g.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of accelerator memory the engine may use; the KV cache gets what is "
-        "left after the weights, the activation peak of a profiled forward at "
-        "--max-num-batched-tokens, a 256 MiB reserve and other processes' memory "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seed of the shared sampler (default: %(default)s)"
-    )
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=list(ATTENTION_BACKENDS),
-        help=f"paged-attention implementation. {describe_choices(ATTENTION_BACKENDS)} "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--quantization",
-        default="none",
-        choices=list(QUANTIZATIONS),
-        help="weight quantization of the decoder layers (embeddings and lm_head stay in "
-        f"--dtype). {describe_choices(QUANTIZATIONS)} (default: %(default)s). A checkpoint "
-        "stored in fp8 per channel or tensor (llm-compressor FP8/FP8_DYNAMIC, AutoFP8) "
-        "serves its own fp8 weights with none or fp8; block-wise fp8 is dequantized at load",
-    )
-    g.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=list(KV_CACHE_DTYPES),
-        help="storage dtype of the paged KV cache (queries and the attention math stay "
-        f"in --dtype). {describe_choices(KV_CACHE_DTYPES)} (default: %(default)s)",
-    )
-    g.add_argument(
-        "--kv-cache-scales",
-        default="auto",
-        choices=list(KV_CACHE_SCALES),
-        help="with --kv-cache-dtype fp8, where each layer's K and V scales come from "
-        "(a value is stored as value / scale). "
-        f"{describe_choices(KV_CACHE_SCALES)} (default: %(default)s)",
-    )
-    g.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="never capture CUDA graphs: every decode step launches its kernels one by "
-        "one (slower at small batches; for debugging). By default, on CUDA with the "
-        "Triton backend, decode steps of up to 512 sequences replay graphs captured at "
-        "startup",
-    )
-    g.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="schedule and pack the next engine step while the current one runs on the "
-        "GPU, feeding its sampled tokens to the next step on the device, so host time "
-        "overlaps GPU time. A request's token that turns out to be a stop token costs "
-        "one wasted step row (default: on for CUDA, off on CPU where nothing overlaps)",
-    )
-    g.add_argument(
-        "--max-seq-len-to-capture",
-        type=int,
-        default=8192,
-        metavar="TOKENS",
-        help="decode steps whose sequences are all at most this long replay CUDA graphs; "
-        "a longer context runs its steps eagerly (the graphs' block tables are this "
-        "wide) (default: %(default)s)",
-    )
-
-
 def _engine_config(args: argparse.Namespace, model: str):
     from lmfleet.engine.config import (
         SchedulerConfig,
@@ -174,6 +61,7 @@ def _engine_config(args: argparse.Namespace, model: str):
         quantization=quantization_setting(args.quantization),
         enforce_eager=args.enforce_eager,
         max_seq_len_to_capture=args.max_seq_len_to_capture,
+        tokenizer=args.tokenizer,
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -193,14 +81,7 @@ def _engine_config(args: argparse.Namespace, model: str):
 def _resolve_model(args: argparse.Namespace) -> str:
     if args.model:
         return args.model
-    from lmfleet.engine.models.presets import ensure_model
-
-    path = ensure_model(DEFAULT_MODEL_DIR / "tiny", "tiny")
-    print(
-        f"[lmfleet] no --model given: using the random-weight 'tiny' model at {path}",
-        file=sys.stderr,
-    )
-    return str(path)
+    return default_model()
 
 
 # ---- lmfleet generate --------------------------------------------------------------

@@ -60,6 +60,15 @@ class DuplicateRequestId(RequestRejected):
     code = "duplicate_request_id"
 
 
+class RequestFailed(LmfleetError):
+    """The engine hit an error while handling one request's own inputs (sampler setup,
+    penalties, logprobs, stop checks, detokenization): that request ends, its KV blocks
+    are freed. Recoverable: the engine keeps serving every other request. Servers map
+    it to 500 for this request alone."""
+
+    code: str = "request_failed"
+
+
 class EngineBusy(LmfleetError):
     """An operation that needs an idle engine (sleep) found requests in flight.
     Recoverable: retry after draining."""

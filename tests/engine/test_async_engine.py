@@ -158,11 +158,11 @@ def test_engine_loop_thread_binds_the_runner_device(tiny_model_dir, monkeypatch)
     runner's device before its first step (the current CUDA device is per thread)."""
     import threading
 
-    from lmfleet.engine import async_engine
+    from lmfleet.engine import runner
 
     bound = []
     monkeypatch.setattr(
-        async_engine,
+        runner,
         "bind_device",
         lambda device: bound.append((threading.current_thread().name, str(device))),
     )
@@ -176,4 +176,6 @@ def test_engine_loop_thread_binds_the_runner_device(tiny_model_dir, monkeypatch)
         return toks
 
     assert len(run(main())) == 2
-    assert bound == [("lmfleet-engine", "cpu")]
+    # the loading thread binds it too (ModelRunner.__init__), then the engine loop's
+    assert bound[-1] == ("lmfleet-engine", "cpu")
+    assert [name for name, _ in bound].count("lmfleet-engine") == 1

@@ -1,4 +1,5 @@
-"""``AsyncEngine(engine_process=True)``: the core in its own process, same interface."""
+"""``AsyncEngine(engine_process=True)``: the core in its own process, same interface
+(and the same command loop) as the thread."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import pytest
 
 from lmfleet.engine.async_engine import AsyncEngine
 from lmfleet.engine.config import engine_config
-from lmfleet.engine.core import EngineCore
+from lmfleet.engine.core_process import CoreProcessClient
+from lmfleet.engine.faults import fault_request_id
 from lmfleet.engine.request import FinishReason, SamplingParams
-from lmfleet.errors import EngineDead, InvalidSamplingParams, PromptTooLong, RequestRejected
+from lmfleet.errors import (
+    EngineBusy,
+    EngineDead,
+    InvalidSamplingParams,
+    PromptTooLong,
+    RequestRejected,
+)
 from tests.engine.test_async_engine import collect, run
 from tests.engine.test_async_engine import started as _started
 
@@ -25,8 +33,9 @@ async def started(model_dir, *, engine_process: bool = True, **kw) -> AsyncEngin
 
 
 def _pid(engine: AsyncEngine) -> int:
-    assert engine._client is not None and engine._client.pid is not None
-    return engine._client.pid
+    link = engine._link
+    assert isinstance(link, CoreProcessClient) and link.pid is not None
+    return link.pid
 
 
 def _gone(pid: int) -> bool:
@@ -37,28 +46,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
-# functions sent to the core process through call(): module level, so they pickle
-def _facts(core: EngineCore) -> tuple[int, int]:
-    return core.max_model_len, os.getpid()
-
-
-def _fail(core: EngineCore) -> None:
-    raise ValueError("no such thing")
-
-
-def _slow(core: EngineCore) -> None:
-    time.sleep(30)
-
-
-def _raise_in_step() -> list:
-    raise RuntimeError("boom in step")
-
-
-def _break_step(core: EngineCore) -> None:
-    core.step = _raise_in_step  # type: ignore[method-assign]
-
-
-def test_greedy_outputs_match_thread_mode_and_call_runs_in_child(tiny_model_dir):
+def test_greedy_outputs_match_thread_mode_and_calls_run_in_the_core(tiny_model_dir):
     prompts = ["Hello there", "The fleet", "Ünïcödé 日本語 text", "a"]
 
     async def main(engine_process: bool):
@@ -67,23 +55,43 @@ def test_greedy_outputs_match_thread_mode_and_call_runs_in_child(tiny_model_dir)
             t0 = time.perf_counter()
             results = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
             print(f"engine_process={engine_process}: {time.perf_counter() - t0:.2f} s")
-            facts = await engine.call(_facts)
-            with pytest.raises(ValueError, match="no such thing"):
-                await engine.call(_fail)
-            return results, facts, engine.stats()
+            long = engine.generate([5] * 20, SamplingParams(max_tokens=500, ignore_eos=True))
+            await anext(long)
+            with pytest.raises(EngineBusy, match="in flight"):  # the core's own error
+                await engine.sleep()
+            await long.aclose()
+            slept = await wait_idle_then(engine, engine.sleep)
+            assert engine.stats().asleep
+            woke = await engine.wake()
+            assert engine.info is not None
+            return results, engine.info.max_model_len, engine.stats(), (slept, woke)
         finally:
             await engine.shutdown()
 
-    threaded, (max_len, _), _ = run(main(False))
-    in_process, (max_len_p, child_pid), stats = run(main(True))
+    threaded, max_len, _, _ = run(main(False))
+    in_process, max_len_p, stats, seconds = run(main(True))
 
     def summary(results):
         return [(text, toks, last.finish_reason) for text, toks, last in results]
 
     assert summary(in_process) == summary(threaded)
     assert all(last.finish_reason is FinishReason.LENGTH for _, _, last in in_process)
-    assert max_len_p == max_len and child_pid != os.getpid()
+    assert max_len_p == max_len
     assert stats is not None and stats.generation_tokens_total >= len(prompts) * 12
+    assert not stats.asleep and all(s >= 0 for s in seconds)
+
+
+async def wait_idle_then(engine: AsyncEngine, fn):
+    """``fn()`` once the aborted request is gone (its abort reaches the core first)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        try:
+            return await fn()
+        except EngineBusy:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.02)
 
 
 def test_rejected_requests_raise_as_in_thread_mode(tiny_model_dir):
@@ -121,16 +129,14 @@ def test_killed_core_fails_waiting_requests_and_calls(tiny_model_dir):
             long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
             agen = engine.generate([5] * 20, long)
             await agen.__anext__()  # streaming
-            call = asyncio.ensure_future(engine.call(_slow))
-            await asyncio.sleep(0.1)
             pid = _pid(engine)
             os.kill(pid, signal.SIGKILL)
             with pytest.raises(EngineDead):
                 async for _ in agen:
                     pass
             with pytest.raises(EngineDead):
-                await asyncio.wait_for(call, 10)
-            assert engine.is_dead and not engine.ready
+                await engine.sleep()
+            assert engine.is_dead and not engine.ready and engine.health().dead
             with pytest.raises(EngineDead):
                 await collect(engine, [1, 2], GREEDY)
         finally:
@@ -142,14 +148,13 @@ def test_killed_core_fails_waiting_requests_and_calls(tiny_model_dir):
 
 def test_exception_in_step_kills_engine(tiny_model_dir):
     async def main():
-        engine = await started(tiny_model_dir)
+        engine = await started(tiny_model_dir, fault_injection=True)
         try:
-            await engine.call(_break_step)
-            with pytest.raises(EngineDead, match="boom in step"):
-                await collect(engine, [1, 2, 3], GREEDY)
+            with pytest.raises(EngineDead, match="fault injected"):
+                await collect(engine, [1, 2, 3], GREEDY, request_id=fault_request_id("step"))
             assert engine.is_dead
             with pytest.raises(EngineDead):
-                await engine.call(_facts)
+                await engine.wake()
         finally:
             await engine.shutdown()
         return _pid(engine)

@@ -7,8 +7,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from lmfleet.engine.core import EngineStats
 from lmfleet.engine.request import FinishReason, RequestMetrics, RequestOutput
+from lmfleet.engine.stats import EngineStats
 from lmfleet.server.metrics import REPLICA_STATES, ReplicaMetrics
 
 MODEL, VERSION = "tiny-llama", "v3"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lmfleet.engine.core import EngineStats
 from lmfleet.engine.request import FinishReason, RequestMetrics, RequestOutput
+from lmfleet.engine.stats import EngineStats
 from lmfleet.server.metrics import ReplicaMetrics
 
 pytestmark = [

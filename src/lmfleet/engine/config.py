@@ -98,9 +98,18 @@ class ModelConfig:
     #: decode steps whose contexts are all at most this long replay CUDA graphs;
     #: longer ones run eagerly (the graphs' block tables are this wide)
     max_seq_len_to_capture: int = 8192
+    #: a Hugging Face tokenizer directory used instead of the model's own tokenizer
+    tokenizer: str | None = None
+    #: honour fault-injection request ids (``lmfleet-fault-STAGE``, see
+    #: :mod:`lmfleet.engine.faults`); for tests and drills, never in production
+    fault_injection: bool = False
 
     def __post_init__(self) -> None:
-        _check(bool(self.model), "model", "must name a model directory")
+        _check(
+            bool(self.model),
+            "model",
+            "must name a model directory, a .gguf file or a built-in model",
+        )
         _check(
             self.attention_backend in ATTENTION_BACKENDS,
             "attention_backend",

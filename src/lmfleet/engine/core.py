@@ -1,7 +1,9 @@
 """The engine core: one step is schedule → run → update.
 
 ``EngineCore`` is synchronous and single-threaded. The offline ``LLM`` drives it in a
-loop; the async engine drives it from a background thread.
+loop; the async engine drives it from a background thread or its own process
+(:mod:`lmfleet.engine.core_commands`). It reaches its runner only through the
+:class:`~lmfleet.engine.runner_base.Runner` protocol.
 
 With async scheduling (on by default on CUDA) a step overlaps the host work around
 it with the device work: ``step()`` schedules and launches step n+1 while step n
@@ -14,72 +16,49 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
-from lmfleet.engine.config import EngineConfig
+from lmfleet.engine.config import SIM_PREFIX, EngineConfig
+from lmfleet.engine.faults import STEP, fault_injector
 from lmfleet.engine.kv import KVCacheManager
-from lmfleet.engine.kv_sizing import KVSizing
+from lmfleet.engine.limits import EngineLimits, check_request
 from lmfleet.engine.outputs import EngineCoreOutput, SchedulerOutput
 from lmfleet.engine.request import FinishReason, Request
-from lmfleet.engine.runner import LaunchedStep, ModelRunner
+from lmfleet.engine.runner_base import LaunchedWork, Runner
 from lmfleet.engine.scheduler import Scheduler
-from lmfleet.engine.sim import SIM_PREFIX, SimRunner
-from lmfleet.engine.sim.runner import SimStep
-from lmfleet.errors import (
-    DuplicateRequestId,
-    EngineBusy,
-    InvalidSamplingParams,
-    PromptTooLong,
-    RequestRejected,
-)
+from lmfleet.engine.stats import EngineInfo, EngineStats
+from lmfleet.errors import DuplicateRequestId, EngineBusy
+
+__all__ = ["EngineCore", "EngineStats", "build_runner"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """A snapshot for metrics and the replica's state endpoint."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_blocks: int
-    num_free_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    num_preemptions: int
-    steps: int
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    asleep: bool = False
-    kv_sizing: KVSizing | None = None  # how a profiled KV budget was derived
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
-
-
-def build_runner(config: EngineConfig, *, progress: bool = True) -> ModelRunner | SimRunner:
-    """A real model runner, or the simulated accelerator for ``sim:PROFILE`` models."""
+def build_runner(config: EngineConfig, *, progress: bool = True) -> Runner:
+    """A real model runner, or the simulated accelerator for ``sim:PROFILE`` models
+    (which then never imports torch)."""
     if config.model.model.startswith(SIM_PREFIX):
+        from lmfleet.engine.sim import SimRunner
+
         return SimRunner(config.model, config.cache, progress=progress)
+    from lmfleet.engine.runner import ModelRunner
+
     return ModelRunner(config.model, config.cache, config.scheduler, progress=progress)
 
 
-def _async_scheduling(config: EngineConfig, runner: ModelRunner | SimRunner) -> bool:
-    """The configured choice; by default on for a model on CUDA, where the host work
-    of one step can overlap the device work of another."""
+def _async_scheduling(config: EngineConfig, runner: Runner) -> bool:
+    """The configured choice; by default the runner's preference (on for a model on
+    CUDA, where the host work of one step can overlap the device work of another)."""
     choice = config.scheduler.async_scheduling
     if choice is not None:
         return choice
-    return isinstance(runner, ModelRunner) and runner.device.type == "cuda"
+    return runner.prefers_async_scheduling
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
         self.config = config
         t0 = time.perf_counter()
-        self.runner = build_runner(config, progress=progress)
+        self.runner: Runner = build_runner(config, progress=progress)
         self.model_dir = self.runner.model_dir
         arch = self.runner.arch
         self.vocab_size = arch.vocab_size
@@ -95,10 +74,12 @@ class EngineCore:
         # A sequence also ends when it alone would fill the whole KV cache.
         capacity = layout.num_blocks * layout.block_size
         self.scheduler = Scheduler(config.scheduler, self.kv, min(self.max_model_len, capacity))
+        self.limits = EngineLimits(self.max_model_len, self.vocab_size, capacity)
         self.steps = 0
+        self._faults = fault_injector(config.model.fault_injection)
         self.async_scheduling = _async_scheduling(config, self.runner)
         #: the launched step whose tokens are not collected yet (async scheduling)
-        self._in_flight: tuple[SchedulerOutput, LaunchedStep | SimStep] | None = None
+        self._in_flight: tuple[SchedulerOutput, LaunchedWork] | None = None
         self.load_seconds = time.perf_counter() - t0
         if self.async_scheduling:
             logger.info("async scheduling: on (the next step is scheduled while one runs)")
@@ -106,35 +87,7 @@ class EngineCore:
     # ---- intake --------------------------------------------------------------------
     def validate(self, request: Request) -> None:
         """Raise a ``RequestRejected`` subclass if the request can never be served."""
-        n = request.num_prompt_tokens
-        if n == 0:
-            raise RequestRejected("the prompt is empty", param="prompt")
-        if n >= self.max_model_len:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens; "
-                f"the prompt has {n} tokens. Shorten the prompt."
-            )
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None and n + max_tokens > self.max_model_len:
-            raise InvalidSamplingParams(
-                f"max_tokens is too large: the prompt has {n} tokens and this model's "
-                f"maximum context length is {self.max_model_len}, so at most "
-                f"{self.max_model_len - n} tokens can be generated",
-                param="max_tokens",
-            )
-        capacity = self.kv.num_blocks * self.kv.block_size
-        needed = n + (max_tokens if max_tokens is not None else 1)
-        if needed > capacity:
-            raise PromptTooLong(
-                f"the request needs {needed} tokens of KV cache but the whole cache holds "
-                f"{capacity}; shorten the prompt, lower max_tokens or raise the KV cache budget"
-            )
-        bad = next((t for t in request.prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestRejected(
-                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                param="prompt",
-            )
+        check_request(request, self.limits)
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -149,28 +102,46 @@ class EngineCore:
 
     # ---- the loop ------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        """One step. An exception raised here is a failure of the step itself (a
+        device error, a bug the whole batch hits): the caller marks the engine dead.
+        What one request's own inputs break (its sampling setup in the runner, its
+        stop checks in the scheduler) ends that request alone, with an ERROR output
+        carrying the message, and the step goes on without it."""
         if self.asleep:
             return []  # requests wait until wake
+        if self._faults is not None:
+            self._inject_step_fault()
         if self.async_scheduling:
             return self._step_async()
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
+        launched = self.runner.launch(sched)
+        failed = self.scheduler.fail(launched.failed) if launched.failed else []
+        result = self.runner.collect(launched)
         if sched.is_empty:
             return []
         self.steps += 1
-        return self.scheduler.update(sched, result)
+        return failed + self.scheduler.update(sched, result)
 
     def _step_async(self) -> list[EngineCoreOutput]:
         """Launch the next step, then finish the one in flight: returns that one's
-        outputs (the first call returns none)."""
+        outputs (the first call returns none). Requests whose setup failed in the
+        launch end before anything schedules them again."""
         prev = self._in_flight
         sched = self.scheduler.schedule()
         launched = self.runner.launch(sched, prev[1] if prev is not None else None)
+        failed = self.scheduler.fail(launched.failed) if launched.failed else []
         outputs = self._finish_in_flight()  # step n, while step n+1 runs
         self._in_flight = None if sched.is_empty else (sched, launched)
         if not sched.is_empty:
             self.steps += 1
-        return outputs
+        return failed + outputs
+
+    def _inject_step_fault(self) -> None:
+        """Fault injection's ``step`` stage: the step itself fails, as on a device error."""
+        faults = self._faults
+        for request in self.scheduler.requests.values():
+            if faults is not None:
+                faults.check(STEP, request.request_id, len(request.output_token_ids))
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         """Wait for the step in flight, if any, and return its outputs."""
@@ -199,7 +170,18 @@ class EngineCore:
             prompt_tokens_total=self.scheduler.num_prompt_tokens,
             generation_tokens_total=self.scheduler.num_generation_tokens,
             asleep=self.asleep,
-            kv_sizing=getattr(self.runner, "kv_sizing", None),
+            kv_sizing=self.runner.kv_sizing,
+        )
+
+    def info(self) -> EngineInfo:
+        """What a client needs to know once the model is loaded."""
+        loaded = self.runner.loaded
+        return EngineInfo(
+            model_dir=str(self.model_dir),
+            eos_token_ids=self.eos_token_ids,
+            limits=self.limits,
+            load_bytes=loaded.num_bytes,
+            load_seconds=loaded.load_seconds,
         )
 
     # ---- sleep / wake --------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The engine core in its own process (opt-in), the way vLLM V1 runs it.
 
-The child (a ``spawn`` process) builds ``EngineCore(config)`` and loops: take
+The child (a ``spawn`` process) builds ``EngineCore(config)`` and runs the loop the
+thread mode runs too (:func:`~lmfleet.engine.core_commands.serve_core`): take
 commands without blocking while it has work, block while idle, ``step()``, send the
 step's ``EngineCoreOutput``s with a fresh ``EngineStats``. The parent keeps the
 tokenizer and the output processor, so detokenization and HTTP never share the GIL
@@ -22,81 +23,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import multiprocessing
-import pickle
 import queue
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any
 
 from lmfleet.engine.config import EngineConfig
-from lmfleet.engine.core import EngineCore, EngineStats
-from lmfleet.engine.outputs import EngineCoreOutput
-from lmfleet.engine.request import FinishReason, Request
-from lmfleet.errors import EngineDead, RequestRejected
+from lmfleet.engine.core import EngineCore
+from lmfleet.engine.core_commands import (
+    SHUTDOWN,
+    Command,
+    CoreLink,
+    CoreReady,
+    Crashed,
+    LoadFailed,
+    StepResult,
+    picklable_error,
+    serve_core,
+)
+from lmfleet.errors import EngineDead
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# ---- parent → child: tagged tuples ``(kind, payload)`` -------------------------------
-ADD = "add"  # payload: Request
-ABORT = "abort"  # payload: list[str]
-ABORT_ALL = "abort_all"  # payload: FinishReason
-CALL = "call"  # payload: (call_id, fn); fn must pickle (a module-level function)
-SHUTDOWN = "shutdown"  # payload: None
-
-Command = tuple[str, Any]
-
-#: how long the child sleeps between polls while its requests wait for wake
-_ASLEEP_POLL_S = 0.5
 #: how long shutdown waits for the child to exit before killing it
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
-# ---- child → parent: one message per step --------------------------------------------
-@dataclass(frozen=True, slots=True)
-class CoreReady:
-    """The model loaded; what the parent needs to serve without a core of its own."""
-
-    model_dir: str
-    eos_token_ids: frozenset[int]
-    stats: EngineStats
-
-
-@dataclass(frozen=True, slots=True)
-class LoadFailed:
-    error: BaseException
-
-
-@dataclass(frozen=True, slots=True)
-class CallResult:
-    call_id: int
-    value: Any = None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """One step's outputs (plus those of an abort_all), and what the commands before
-    it produced: rejected requests and the results of calls."""
-
-    stats: EngineStats
-    outputs: list[EngineCoreOutput] = field(default_factory=list)
-    rejected: list[tuple[str, RequestRejected]] = field(default_factory=list)
-    calls: list[CallResult] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Crashed:
-    error: str  # repr of the exception: it may not pickle
-
-
 # ---- the child -------------------------------------------------------------------------
+class _PipeInbox:
+    """Batches of commands from the parent's pipe."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def take(self, timeout: float | None) -> list[Command] | None:
+        if not self._conn.poll(timeout):
+            return None
+        batch: list[Command] = self._conn.recv()
+        while self._conn.poll():  # everything that queued up meanwhile
+            batch += self._conn.recv()
+        return batch
+
+
 def run_core(
     config: EngineConfig, progress: bool, commands: Connection, results: Connection
 ) -> None:
@@ -107,11 +79,11 @@ def run_core(
     try:
         core = EngineCore(config, progress=progress)
     except BaseException as exc:  # the parent re-raises it
-        results.send(LoadFailed(_picklable_error(exc)))
+        results.send(LoadFailed(picklable_error(exc)))
         return
-    results.send(CoreReady(str(core.model_dir), core.eos_token_ids, core.stats()))
+    results.send(CoreReady(core.info(), core.stats()))
     try:
-        _loop(core, commands, results)
+        serve_core(core, _PipeInbox(commands), results.send)
     except (EOFError, BrokenPipeError):
         return  # the parent went away
     except BaseException as exc:  # the loop must report, never vanish
@@ -121,84 +93,8 @@ def run_core(
         raise SystemExit(1) from None
 
 
-@dataclass(slots=True)
-class _Pending:
-    """What one round of the child's loop gathers for its :class:`StepResult`."""
-
-    outputs: list[EngineCoreOutput] = field(default_factory=list)
-    rejected: list[tuple[str, RequestRejected]] = field(default_factory=list)
-    calls: list[CallResult] = field(default_factory=list)
-
-
-def _loop(core: EngineCore, commands: Connection, results: Connection) -> None:
-    last_stats: EngineStats | None = None
-    while True:
-        if not core.has_unfinished():
-            timeout: float | None = None  # idle: block until a command comes
-        elif core.asleep:
-            timeout = _ASLEEP_POLL_S  # step() would return nothing until wake
-        else:
-            timeout = 0.0
-        pending = _Pending()
-        if timeout is None or commands.poll(timeout):
-            if not _apply(core, commands.recv(), pending):
-                return
-            while commands.poll():  # everything that queued up meanwhile
-                if not _apply(core, commands.recv(), pending):
-                    return
-        if core.has_unfinished() and not core.asleep:
-            pending.outputs.extend(core.step())
-        stats = core.stats()
-        if pending.outputs or pending.rejected or pending.calls or stats != last_stats:
-            results.send(StepResult(stats, pending.outputs, pending.rejected, pending.calls))
-            last_stats = stats
-
-
-def _apply(core: EngineCore, batch: list[Command], pending: _Pending) -> bool:
-    """Apply one batch of commands; False on SHUTDOWN."""
-    for kind, payload in batch:
-        if kind == ADD:
-            try:
-                core.add_request(payload)
-            except RequestRejected as exc:
-                pending.rejected.append((payload.request_id, exc))
-        elif kind == ABORT:
-            core.abort(payload)
-        elif kind == ABORT_ALL:
-            pending.outputs.extend(core.abort(list(core.scheduler.requests), payload))
-        elif kind == CALL:
-            call_id, fn = payload
-            pending.calls.append(_run_call(core, call_id, fn))
-        elif kind == SHUTDOWN:
-            return False
-        else:
-            raise ValueError(f"unknown engine command {kind!r}")
-    return True
-
-
-def _run_call(core: EngineCore, call_id: int, fn: Callable[[EngineCore], Any]) -> CallResult:
-    try:
-        value = fn(core)
-    except Exception as exc:
-        return CallResult(call_id, error=_picklable_error(exc))
-    try:
-        pickle.dumps(value)
-    except Exception as exc:
-        err = TypeError(f"the result of {fn!r} cannot be sent back from the core: {exc}")
-        return CallResult(call_id, error=err)
-    return CallResult(call_id, value)
-
-
-def _picklable_error(exc: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
 # ---- the parent ------------------------------------------------------------------------
-class CoreProcessClient:
+class CoreProcessClient(CoreLink):
     """Runs ``EngineCore`` in a child process; used by ``AsyncEngine`` from one event
     loop. Callbacks run on that loop: ``on_step`` for each :class:`StepResult` (call
     results already resolved), ``on_dead`` once if the child ends unexpectedly."""
@@ -211,20 +107,14 @@ class CoreProcessClient:
         on_step: Callable[[StepResult], None],
         on_dead: Callable[[BaseException], None],
     ) -> None:
+        super().__init__(on_step=on_step, on_dead=on_dead)
         self.config = config
         self._progress = progress
-        self._on_step = on_step
-        self._on_dead = on_dead
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._commands: Connection | None = None  # parent's sending end
         self._results: Connection | None = None  # parent's receiving end
         self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._call_ids = itertools.count()
-        self._closed = False
-        self.dead: BaseException | None = None
 
     @property
     def alive(self) -> bool:
@@ -278,36 +168,6 @@ class CoreProcessClient:
         if not self._closed and self.dead is None:
             self._outbox.put((kind, payload))
 
-    def add_request(self, request: Request) -> None:
-        self.send(ADD, request)
-
-    def abort(self, request_ids: list[str]) -> None:
-        self.send(ABORT, request_ids)
-
-    def abort_all(self, reason: FinishReason) -> None:
-        self.send(ABORT_ALL, reason)
-
-    async def call(self, fn: Callable[[EngineCore], T]) -> T:
-        """Run ``fn(core)`` in the child between two steps; ``fn`` must pickle (a
-        module-level function). Raises what ``fn`` raised, or ``EngineDead``."""
-        if self.dead is not None or self._closed or self._loop is None:
-            raise EngineDead(f"the engine core process is not running: {self.dead!r}")
-        try:
-            pickle.dumps(fn)
-        except Exception as exc:
-            raise TypeError(
-                f"{fn!r} cannot be sent to the engine core process ({exc}); "
-                "pass a module-level function"
-            ) from None
-        call_id = next(self._call_ids)
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._calls[call_id] = fut
-        self.send(CALL, (call_id, fn))
-        try:
-            return await fut
-        finally:
-            self._calls.pop(call_id, None)
-
     def _send_loop(self) -> None:
         conn = self._commands
         if conn is None:
@@ -353,32 +213,11 @@ class CoreProcessClient:
                 code = self._proc.exitcode
             self._died(EngineDead(f"the engine core process exited (exit code {code})"))
 
-    def _handle_step(self, msg: StepResult) -> None:
-        for res in msg.calls:
-            fut = self._calls.get(res.call_id)
-            if fut is None or fut.done():
-                continue
-            if res.error is not None:
-                fut.set_exception(res.error)
-            else:
-                fut.set_result(res.value)
-        self._on_step(msg)
-
     def _died(self, exc: BaseException) -> None:
-        if self.dead is not None:
-            return
-        self.dead = exc
-        logger.error("%s", exc)
-        self._stop_reading()
-        self._fail_calls(exc)
-        self._outbox.put(None)  # let the sender thread end
-        self._on_dead(exc)
-
-    def _fail_calls(self, exc: BaseException) -> None:
-        for fut in self._calls.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._calls.clear()
+        if self.dead is None:
+            self._stop_reading()
+            self._outbox.put(None)  # let the sender thread end
+        super()._died(exc)
 
     def _stop_reading(self) -> None:
         if self._loop is not None and self._results is not None and not self._loop.is_closed():

@@ -10,10 +10,19 @@ taken out. The arithmetic is a pure function; the device is read through
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from lmfleet.engine.stats import KVSizing, human_bytes
+
+__all__ = [
+    "CudaMemoryProbe",
+    "KVSizing",
+    "MemoryProbe",
+    "human_bytes",
+    "kv_budget_bytes",
+]
 
 
 def kv_budget_bytes(
@@ -28,49 +37,6 @@ def kv_budget_bytes(
     (``total × utilization``) less everything else that must fit in it. Never
     negative; a budget below two blocks is the caller's error to report."""
     return max(int(total * utilization) - weights - activation_peak - reserve - non_torch, 0)
-
-
-@dataclass(frozen=True, slots=True)
-class KVSizing:
-    """The numbers behind a profiled KV budget, kept for logs, stats and benchmarks.
-
-    ``weights_bytes`` is everything torch held once the model was loaded;
-    ``activation_peak_bytes`` what a forward at the full token budget added on top;
-    ``non_torch_bytes`` device memory outside torch's allocator (the CUDA context,
-    libraries, other processes).
-    """
-
-    total_bytes: int
-    gpu_memory_utilization: float
-    weights_bytes: int
-    activation_peak_bytes: int
-    reserve_bytes: int
-    non_torch_bytes: int
-    budget_bytes: int
-    bytes_per_block: int
-    num_blocks: int
-    profile_tokens: int
-    profile_seqs: int
-
-    def describe(self) -> str:
-        """One line with every term of the budget."""
-        return (
-            f"{human_bytes(self.total_bytes)} total x {self.gpu_memory_utilization:g} "
-            f"- weights {human_bytes(self.weights_bytes)} "
-            f"- activation peak {human_bytes(self.activation_peak_bytes)} "
-            f"({self.profile_tokens} tokens in {self.profile_seqs} sequences) "
-            f"- reserve {human_bytes(self.reserve_bytes)} "
-            f"- non-torch {human_bytes(self.non_torch_bytes)} "
-            f"= KV budget {human_bytes(self.budget_bytes)} "
-            f"= {self.num_blocks} blocks of {human_bytes(self.bytes_per_block)}"
-        )
-
-
-def human_bytes(num_bytes: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(num_bytes) >= size:
-            return f"{num_bytes / size:.2f} {unit}"
-    return f"{num_bytes} B"
 
 
 class MemoryProbe(Protocol):

@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from lmfleet.engine.config import EngineConfig, engine_config
 from lmfleet.engine.core import EngineCore
+from lmfleet.engine.faults import fault_injector
 from lmfleet.engine.output_processor import OutputProcessor
-from lmfleet.engine.request import Request, RequestOutput, SamplingParams
+from lmfleet.engine.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmfleet.engine.tokenizer import load_tokenizer
 from lmfleet.errors import RequestRejected
 
@@ -29,8 +30,10 @@ class LLM:
     def __init__(self, model: str | EngineConfig, *, progress: bool = True, **settings: object):
         self.config = model if isinstance(model, EngineConfig) else engine_config(model, **settings)
         self.core = EngineCore(self.config, progress=progress)
-        self.tokenizer = load_tokenizer(self.core.model_dir)
-        self.processor = OutputProcessor(self.tokenizer)
+        self.tokenizer = load_tokenizer(self.core.model_dir, self.config.model.tokenizer)
+        self.processor = OutputProcessor(
+            self.tokenizer, fault_injector(self.config.model.fault_injection)
+        )
         self._ids = itertools.count()
 
     @property
@@ -65,9 +68,12 @@ class LLM:
         if len(params_list) != n:
             raise ValueError(f"{len(params_list)} sampling params for {n} prompts")
         ids: list[str] = []
+        prompt_ids: dict[str, list[int]] = {}
         try:
             for i, (p, sp) in enumerate(zip(prompts, params_list, strict=True)):
-                ids.append(self._add(p, sp, priority[i] if priority else 0))
+                rid = self._add(p, sp, priority[i] if priority else 0)
+                ids.append(rid)
+                prompt_ids[rid] = self.core.scheduler.requests[rid].prompt_token_ids
         except Exception:
             self.core.abort(ids)  # all or nothing: leave no half-submitted batch behind
             for rid in ids:
@@ -81,6 +87,9 @@ class LLM:
                 self.core.abort(processed.to_abort)
             for out in processed.outputs:
                 results[out.request_id] = out
+                bar.update(1)
+            for rid, error in processed.failed:  # the others go on
+                results[rid] = _failed_output(rid, prompt_ids[rid], error)
                 bar.update(1)
         bar.close()
         return [results[i] for i in ids]
@@ -119,3 +128,16 @@ class LLM:
             prompt=prompt if isinstance(prompt, str) else None,
         )
         return rid
+
+
+def _failed_output(request_id: str, prompt_token_ids: list[int], error: str) -> RequestOutput:
+    """What ``generate`` returns for a request that failed alone (see ``RequestFailed``)."""
+    return RequestOutput(
+        request_id=request_id,
+        prompt_token_ids=prompt_token_ids,
+        text="",
+        token_ids=[],
+        finished=True,
+        finish_reason=FinishReason.ERROR,
+        error=error,
+    )

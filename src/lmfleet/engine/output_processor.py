@@ -3,14 +3,20 @@
 Detokenization and stop strings live here, outside the engine core, so the core
 stays "token ids in, token ids out". When a stop string matches, the processor
 reports the request id so the caller aborts it in the core.
+
+Each request is processed on its own: one whose detokenization or stop matching
+raises (or whose core output says it failed) is reported in
+:attr:`ProcessedOutputs.failed` and dropped, and the others go on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
-from lmfleet.engine.outputs import EngineCoreOutput
+from lmfleet.engine.faults import OUTPUT, FaultInjector
+from lmfleet.engine.outputs import EngineCoreOutput, describe_error
 from lmfleet.engine.request import (
     FinishReason,
     RequestMetrics,
@@ -19,6 +25,8 @@ from lmfleet.engine.request import (
     TokenLogprobs,
 )
 from lmfleet.engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -43,13 +51,16 @@ class _State:
 @dataclass(slots=True)
 class ProcessedOutputs:
     outputs: list[RequestOutput]
-    #: requests that ended on a stop string: abort them in the core
+    #: requests that ended on a stop string, or failed here: abort them in the core
     to_abort: list[str]
+    #: requests that failed (request id, error): here, or in the core
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, faults: FaultInjector | None = None) -> None:
         self.tokenizer = tokenizer
+        self.faults = faults
         self._states: dict[str, _State] = {}
 
     def __contains__(self, request_id: str) -> bool:
@@ -99,16 +110,39 @@ class OutputProcessor:
             state = self._states.get(co.request_id)
             if state is None:
                 continue  # dropped by the caller (e.g. a stop string already ended it)
-            finish, stop_reason = self._absorb(state, co, now)
-            if finish is not None and not co.finished:
-                result.to_abort.append(co.request_id)
-            if finish is None and not state.delta:
-                continue
-            result.outputs.append(self._emit(state, co, finish, stop_reason))
-            if finish is not None:
-                state.metrics.finished_time = now
+            if co.error is not None:  # it failed in the core, which has ended it
                 del self._states[co.request_id]
+                result.failed.append((co.request_id, co.error))
+                continue
+            try:
+                out = self._process_one(state, co, now)
+            except Exception as exc:
+                logger.exception("request %s: output processing failed", co.request_id)
+                self._states.pop(co.request_id, None)
+                result.failed.append((co.request_id, describe_error(exc)))
+                if not co.finished:
+                    result.to_abort.append(co.request_id)
+                continue
+            if out is None:
+                continue
+            if out.finished and not co.finished:
+                result.to_abort.append(co.request_id)
+            result.outputs.append(out)
         return result
+
+    def _process_one(self, state: _State, co: EngineCoreOutput, now: float) -> RequestOutput | None:
+        """One request's core output as a ``RequestOutput`` (None while a non-delta
+        request runs); the state is dropped once the request finishes."""
+        if self.faults is not None:
+            self.faults.check(OUTPUT, co.request_id, len(state.token_ids))
+        finish, stop_reason = self._absorb(state, co, now)
+        if finish is None and not state.delta:
+            return None
+        out = self._emit(state, co, finish, stop_reason)
+        if finish is not None:
+            state.metrics.finished_time = now
+            del self._states[co.request_id]
+        return out
 
     def _absorb(self, state: _State, co: EngineCoreOutput, now: float):
         """Add one core output to the state; returns (finish reason, stop reason)."""

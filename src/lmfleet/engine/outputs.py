@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmfleet.engine.request import FinishReason, Request, TokenLogprobs
+from lmfleet.errors import RequestFailed
 
 
 @dataclass(slots=True)
@@ -67,6 +68,19 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
 
 
+def describe_error(exc: BaseException) -> str:
+    """``"TypeName: message"``: how a request's failure is reported."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def request_failed(request_id: str, error: str) -> RequestFailed:
+    """The exception a request's stream raises when the engine failed on it alone."""
+    return RequestFailed(
+        f"the engine failed while handling request {request_id} ({error}); only this "
+        "request is affected"
+    )
+
+
 @dataclass(slots=True)
 class EngineCoreOutput:
     """What one step produced for one request: new tokens and, maybe, its end."""
@@ -79,6 +93,9 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     #: when the request was first scheduled (``time.monotonic``), on its first output
     first_scheduled_time: float | None = None
+    #: why the request failed (with ``finish_reason`` ERROR): a message, so that it
+    #: crosses the process boundary whatever the exception was
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -20,9 +20,16 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length reached
     ABORT = "abort"  # cancelled by the client, or drained past its grace period
+    #: the engine failed while handling this request alone (``EngineCoreOutput.error``
+    #: says why); the async engine raises ``RequestFailed`` instead of reporting it
+    ERROR = "error"
 
     def __str__(self) -> str:
         return self.value
+
+
+#: ``seed`` is a signed 64-bit integer, what ``torch.Generator.manual_seed`` accepts
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class RequestStatus(enum.Enum):
@@ -38,7 +45,7 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy decoding. ``top_k <= 0`` and ``top_p == 1`` turn
     those filters off. ``seed`` makes a request's samples independent of whatever
-    else is in the batch.
+    else is in the batch; it is a signed 64-bit integer.
     """
 
     max_tokens: int | None = 16
@@ -108,8 +115,10 @@ class SamplingParams:
             raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= number("frequency_penalty", self.frequency_penalty) <= 2:
             raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        if self.seed is not None:
-            integer("seed", self.seed)
+        if self.seed is not None and not SEED_MIN <= integer("seed", self.seed) <= SEED_MAX:
+            raise bad(
+                "seed", f"must be a signed 64-bit integer in [-2**63, 2**63 - 1], got {self.seed}"
+            )
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad("stop", "must be a list of non-empty strings")
@@ -276,3 +285,6 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or token id that matched
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    #: why the request failed, with ``finish_reason`` ERROR (offline ``LLM`` only: the
+    #: async engine raises ``RequestFailed`` instead)
+    error: str | None = None

@@ -22,6 +22,7 @@ import torch
 
 from lmfleet.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from lmfleet.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from lmfleet.engine.faults import SAMPLE, fault_injector
 from lmfleet.engine.kv_scales import (
     CALIBRATION_RANDOM_TOKENS,
     CALIBRATION_TEXT,
@@ -46,8 +47,14 @@ from lmfleet.engine.layers.triton_attention import (
 )
 from lmfleet.engine.layers.triton_fused import triton_fused_ops
 from lmfleet.engine.models.loader import load_model
-from lmfleet.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lmfleet.engine.outputs import (
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    describe_error,
+)
 from lmfleet.engine.request import Request, SamplingParams
+from lmfleet.engine.runner_base import KVCacheLayout
 from lmfleet.engine.step_inputs import StagingBuffer, StepInputs, StepPlan, pack_capacity
 from lmfleet.errors import ConfigError
 
@@ -101,10 +108,12 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None)
 @dataclass(slots=True)
 class LaunchedStep:
     """A step queued on the device: which requests sample, and their tokens, still
-    pending (None: nothing samples)."""
+    pending (None: nothing samples); and the requests whose own sampling setup
+    failed (request id -> error), which the core ends alone."""
 
     request_ids: list[str] = field(default_factory=list)
     pending: PendingSample | None = None
+    failed: dict[str, str] = field(default_factory=dict)
     _rows: dict[str, int] | None = None
 
     def rows(self) -> dict[str, int]:
@@ -112,21 +121,6 @@ class LaunchedStep:
         if self._rows is None:
             self._rows = {rid: i for i, rid in enumerate(self.request_ids)}
         return self._rows
-
-
-@dataclass(slots=True)
-class KVCacheLayout:
-    num_blocks: int
-    block_size: int
-    bytes_per_block: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
-    def num_bytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block
 
 
 class ModelRunner:
@@ -195,10 +189,19 @@ class ModelRunner:
             memory_probe = CudaMemoryProbe(self.device)
         self.memory_probe = memory_probe
         self._generators: dict[str, torch.Generator] = {}
+        self.faults = fault_injector(model_config.fault_injection)
         self.asleep = False
         #: each layer's fp8 KV scales (all 1.0 for a cache in the model dtype)
         self.kv_scales = self._resolve_kv_scales(loaded.kv_scales)
         self.model.set_kv_scales(self.kv_scales.k, self.kv_scales.v)
+
+    @property
+    def prefers_async_scheduling(self) -> bool:
+        """On CUDA the host work of one step can overlap the device work of another."""
+        return self.device.type == "cuda"
+
+    def bind_thread(self) -> None:
+        bind_device(self.device)
 
     @property
     def max_seq_len(self) -> int:
@@ -233,7 +236,7 @@ class ModelRunner:
         from lmfleet.engine.tokenizer import load_tokenizer
 
         limit = min(self.scheduler_config.max_num_batched_tokens, self.max_seq_len)
-        tokenizer = load_tokenizer(self.model_dir)
+        tokenizer = load_tokenizer(self.model_dir, self.model_config.tokenizer)
         if tokenizer is not None:
             return tokenizer.encode(CALIBRATION_TEXT)[:limit]
         logger.warning(
@@ -485,7 +488,14 @@ class ModelRunner:
         logits = self._logits(self._prepare(sched, prev))  # (S, V)
         if logits is None:
             return LaunchedStep()
-        sampling = [item for item in sched.scheduled if item.samples]
+        sampling, generators, failed = self._sampling_setup(sched)
+        if failed:  # their rows still ran the forward (their KV is written), unsampled
+            keep = [
+                i for i, it in enumerate(_samplers(sched)) if it.request.request_id not in failed
+            ]
+            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+            if not sampling:
+                return LaunchedStep(failed=failed)
         requests = [it.request for it in sampling]
         pending_tokens, pending_index = None, None
         if (
@@ -502,12 +512,36 @@ class ModelRunner:
             ]
         batch = SamplingBatch.from_requests(
             requests,
-            [self._generator(r) for r in requests],
+            generators,
             [it.output_index for it in sampling],
             pending_tokens,
             pending_index,
         )
-        return LaunchedStep([r.request_id for r in requests], self.sampler.sample(logits, batch))
+        pending = self.sampler.sample(logits, batch)
+        return LaunchedStep([r.request_id for r in requests], pending, failed)
+
+    def _sampling_setup(
+        self, sched: SchedulerOutput
+    ) -> tuple[list[ScheduledRequest], list[torch.Generator | None], dict[str, str]]:
+        """Each sampling request's own setup (its seeded generator, fault injection),
+        one request at a time: one whose setup raises is left out of the sampling
+        batch and reported (request id -> error) instead of failing the step."""
+        ok: list[ScheduledRequest] = []
+        generators: list[torch.Generator | None] = []
+        failed: dict[str, str] = {}
+        for it in _samplers(sched):
+            r = it.request
+            try:
+                if self.faults is not None:
+                    self.faults.check(SAMPLE, r.request_id, it.output_index)
+                generators.append(self._generator(r))
+            except Exception as exc:
+                logger.exception("request %s: sampling setup failed", r.request_id)
+                failed[r.request_id] = describe_error(exc)
+                self._generators.pop(r.request_id, None)
+                continue
+            ok.append(it)
+        return ok, generators, failed
 
     def collect(self, step: LaunchedStep) -> RunnerOutput:
         """Wait for a launched step's tokens (the step's one host sync)."""
@@ -636,6 +670,11 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         self.asleep = False
         return time.perf_counter() - t0
+
+
+def _samplers(sched: SchedulerOutput) -> list[ScheduledRequest]:
+    """The step's requests that sample, in logits row order."""
+    return [item for item in sched.scheduled if item.samples]
 
 
 def _too_small_message(s: KVSizing) -> str:

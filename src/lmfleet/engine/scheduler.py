@@ -20,6 +20,7 @@ work thrown away.
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections.abc import Iterable
 
@@ -30,8 +31,11 @@ from lmfleet.engine.outputs import (
     RunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
+    describe_error,
 )
 from lmfleet.engine.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 class _WaitingQueue:
@@ -115,6 +119,20 @@ class Scheduler:
             self._remove(request)
             self._finish(request, reason)
             out.append(EngineCoreOutput(rid, [], finish_reason=reason))
+        return out
+
+    def fail(self, errors: dict[str, str]) -> list[EngineCoreOutput]:
+        """End these requests because handling their own inputs failed (request id ->
+        error): their blocks are freed, their outputs carry the error. Unknown or
+        finished ids are ignored."""
+        out = []
+        for rid, error in errors.items():
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            self._remove(request)
+            self._finish(request, FinishReason.ERROR)
+            out.append(EngineCoreOutput(rid, [], finish_reason=FinishReason.ERROR, error=error))
         return out
 
     # ---- one step ------------------------------------------------------------------
@@ -231,8 +249,10 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Turn a finished step's sampled tokens into outputs and check stops. The
-        requests may have been scheduled again since (async scheduling)."""
-        outputs = []
+        requests may have been scheduled again since (async scheduling). A request
+        whose own update raises (a stop check on odd parameters ...) fails alone."""
+        outputs: list[EngineCoreOutput] = []
+        failed: dict[str, str] = {}
         for item in sched.scheduled:
             request = item.request
             if item.samples:
@@ -242,31 +262,42 @@ class Scheduler:
             token = result.sampled.get(request.request_id)
             if token is None:
                 continue
-            first = not request.output_token_ids
-            request.output_token_ids.append(token)
-            self.num_generation_tokens += 1
-            n = request.num_tokens
-            if request.num_computed_tokens >= n and n % self.kv.block_size == 0:
-                # a launched step already feeds this token (async scheduling) and it
-                # fills a block: index that block now that its tokens are known
-                self.kv.register_known(request)
-            reason, stop_token = self._check_stop(request, token)
-            logprobs = result.logprobs.get(request.request_id)
-            outputs.append(
-                EngineCoreOutput(
-                    request.request_id,
-                    [token],
-                    [logprobs] if logprobs is not None else None,
-                    finish_reason=reason,
-                    stop_reason=stop_token,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
-                    first_scheduled_time=request.first_scheduled_time if first else None,
-                )
-            )
-            if reason is not None:
-                self._remove(request)
-                self._finish(request, reason)
+            try:
+                output = self._update_one(request, token, result)
+            except Exception as exc:
+                logger.exception("request %s: update failed", request.request_id)
+                failed[request.request_id] = describe_error(exc)
+                continue
+            outputs.append(output)
+        if failed:
+            outputs += self.fail(failed)
         return outputs
+
+    def _update_one(self, request: Request, token: int, result: RunnerOutput) -> EngineCoreOutput:
+        """Append one sampled token to the request, check its stops, end it if one
+        matched, and return its output."""
+        first = not request.output_token_ids
+        request.output_token_ids.append(token)
+        self.num_generation_tokens += 1
+        n = request.num_tokens
+        if request.num_computed_tokens >= n and n % self.kv.block_size == 0:
+            # a launched step already feeds this token (async scheduling) and it
+            # fills a block: index that block now that its tokens are known
+            self.kv.register_known(request)
+        reason, stop_token = self._check_stop(request, token)
+        logprobs = result.logprobs.get(request.request_id)
+        if reason is not None:
+            self._remove(request)
+            self._finish(request, reason)
+        return EngineCoreOutput(
+            request.request_id,
+            [token],
+            [logprobs] if logprobs is not None else None,
+            finish_reason=reason,
+            stop_reason=stop_token,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            first_scheduled_time=request.first_scheduled_time if first else None,
+        )
 
     def _remove(self, request: Request) -> None:
         """Take a request out of its queue: running, or waiting (preempted)."""

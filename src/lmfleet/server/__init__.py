@@ -1,7 +1,7 @@
 """One replica: the OpenAI-compatible API over the async engine.
 
 ``build_app(settings)`` gives the ASGI app; ``lmfleet serve`` runs it under uvicorn.
-The server reaches the engine only through ``AsyncEngine``'s client interface; it
+The server reaches the engine only through ``lmfleet.engine.client.EngineClient``; it
 knows nothing of the scheduler, the KV cache or the model.
 """
 

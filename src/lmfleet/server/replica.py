@@ -2,8 +2,8 @@
 
 Routes ask the :class:`Replica` to admit a request (a :class:`Ticket`, released when
 its response is done), and to load, drain, sleep and wake. It reaches the engine
-only through ``AsyncEngine``'s client interface (``start``, ``generate``, ``call``,
-``abort_all``, ``stats``, ``shutdown``).
+only through the narrow :class:`~lmfleet.engine.client.EngineClient` (``start``,
+``generate``, ``abort_all``, ``stats``, ``sleep``, ``wake``, ``health``, ``shutdown``).
 
 Admission (TGI's backpressure, answered at once instead of queued without bound):
 - not READY → 503 with ``Retry-After`` (starting, draining, asleep, stopped);
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
-from lmfleet.engine.async_engine import AsyncEngine
-from lmfleet.engine.core import EngineCore, EngineStats
+from lmfleet.engine.client import EngineClient, connect_engine
 from lmfleet.engine.request import FinishReason, SamplingParams
+from lmfleet.engine.stats import EngineStats
 from lmfleet.engine.tokenizer import Tokenizer
 from lmfleet.errors import EngineBusy
 from lmfleet.server.errors import ApiError
@@ -76,7 +76,7 @@ class Replica:
         self.settings = settings
         self.metrics = metrics or ReplicaMetrics(settings.model_name, settings.version_label)
         self.lifecycle = Lifecycle(on_change=self._state_changed)
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
         self.max_model_len: int | None = None
         self.load_seconds: float | None = None  # reading the weights
         self.load_bytes: int | None = None
@@ -103,7 +103,7 @@ class Replica:
 
     @property
     def engine_dead(self) -> bool:
-        return self.engine is not None and self.engine.is_dead
+        return self.engine is not None and self.engine.health().dead
 
     @property
     def exit_code(self) -> int:
@@ -184,13 +184,17 @@ class Replica:
         is logged, kept in :attr:`error` and stops the replica (exit code 1)."""
         st = self.settings
         try:
-            engine = AsyncEngine(
+            engine = connect_engine(
                 st.engine_config(), progress=st.progress, engine_process=st.engine_process
             )
             self.engine = engine
+            engine.on_dead = self._engine_died
             logger.info("loading %s (served as %s)", st.model, ", ".join(st.served_model_names))
             await engine.start()
-            num_bytes, seconds, max_len = await engine.call(_load_facts)
+            info = engine.info
+            if info is None:  # start() returns only once the engine reported it
+                raise RuntimeError("the engine started without reporting its limits")
+            num_bytes, seconds, max_len = info.load_bytes, info.load_seconds, info.max_model_len
             self.load_bytes, self.load_seconds, self.max_model_len = num_bytes, seconds, max_len
             self.metrics.record_load(seconds, num_bytes)
             logger.info(
@@ -214,7 +218,7 @@ class Replica:
             self.lifecycle.to(ReplicaState.READY)
             logger.info("ready after %.2f s", self.startup_seconds)
 
-    async def _warm_up(self, engine: AsyncEngine) -> None:
+    async def _warm_up(self, engine: EngineClient) -> None:
         """One short generation, so the first user request pays no first-call costs."""
         t0 = time.perf_counter()
         prompt = engine.encode("warm up") if engine.tokenizer is not None else [0]
@@ -329,10 +333,26 @@ class Replica:
         while self.in_flight_requests > 0:
             await asyncio.sleep(_IDLE_POLL_S)
 
+    def _engine_died(self, exc: BaseException) -> None:
+        """The engine loop stopped: nothing this process serves can succeed any more.
+        ``/health/live`` fails at once; after the grace the process exits with status
+        1, so that its supervisor replaces it instead of keeping a replica that
+        answers 503 forever."""
+        delay = self.settings.exit_on_engine_dead_after_s
+        if self.error is None:
+            self.error = f"the engine died: {exc}"
+        logger.error(
+            "the engine died (%s); exiting in %.1f s so that a supervisor replaces this "
+            "replica (--exit-on-engine-dead-after)",
+            exc,
+            delay,
+        )
+        asyncio.get_running_loop().call_later(delay, self._stop)
+
     def _stop(self) -> None:
         if self.state is ReplicaState.STOPPED:
             return
-        if self.state is ReplicaState.ASLEEP:
+        if self.state in (ReplicaState.ASLEEP, ReplicaState.READY):  # the engine died
             self.lifecycle.to(ReplicaState.DRAINING)
         self.lifecycle.to(ReplicaState.STOPPED)
         if self.on_stopped is not None:
@@ -363,7 +383,7 @@ class Replica:
                 )
             engine = self._engine()
             try:
-                seconds = await engine.call(_sleep)
+                seconds = await engine.sleep()
             except EngineBusy as exc:
                 self.lifecycle.to(ReplicaState.READY)
                 raise _conflict(str(exc)) from exc
@@ -379,7 +399,7 @@ class Replica:
                 return 0.0
             if self.state is not ReplicaState.ASLEEP:
                 raise _conflict(f"cannot wake while {self.state.value}")
-            seconds = await self._engine().call(_wake)
+            seconds = await self._engine().wake()
             self.last_wake_seconds = seconds
             self.metrics.record_wake(seconds)
             if self.state is ReplicaState.ASLEEP:  # a drain may have begun meanwhile
@@ -387,7 +407,7 @@ class Replica:
             logger.info("awake in %.3f s", seconds)
             return seconds
 
-    def _engine(self) -> AsyncEngine:
+    def _engine(self) -> EngineClient:
         if self.engine is None:
             raise self._unavailable(ReplicaState.STARTING, record=False)
         return self.engine
@@ -399,17 +419,3 @@ class Replica:
 
 def _conflict(message: str) -> ApiError:
     return ApiError(409, message, code="invalid_state", type="conflict_error")
-
-
-# functions run on the engine thread through AsyncEngine.call
-def _load_facts(core: EngineCore) -> tuple[int, float, int]:
-    loaded = core.runner.loaded
-    return loaded.num_bytes, loaded.load_seconds, core.max_model_len
-
-
-def _sleep(core: EngineCore) -> float:
-    return core.sleep()
-
-
-def _wake(core: EngineCore) -> float:
-    return core.wake()

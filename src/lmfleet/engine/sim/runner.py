@@ -13,15 +13,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmfleet.engine.config import SIM_PREFIX, CacheConfig, ModelConfig
-from lmfleet.engine.outputs import RunnerOutput, SchedulerOutput
+from lmfleet.engine.faults import SAMPLE, fault_injector
+from lmfleet.engine.outputs import (
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    describe_error,
+)
 from lmfleet.engine.request import Logprob, Request, TokenLogprobs
-from lmfleet.engine.runner import KVCacheLayout
+from lmfleet.engine.runner_base import KVCacheLayout
 from lmfleet.engine.sim.profile import SimProfile, get_profile
 from lmfleet.engine.sim.tokenizer import EOS_ID, FIRST_WORD_ID, IM_END_ID, write_sim_tokenizer
+from lmfleet.engine.stats import KVSizing
 from lmfleet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -67,10 +74,12 @@ def sim_token(
 @dataclass(slots=True)
 class SimStep:
     """A step queued on the simulated device: its output and when it is done
-    (``time.perf_counter``)."""
+    (``time.perf_counter``), and the requests whose own setup failed (request id ->
+    error), which the core ends alone."""
 
     output: RunnerOutput
     ready_at: float
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class SimRunner:
@@ -86,6 +95,8 @@ class SimRunner:
         self.model_dir = str(write_sim_tokenizer(sim_home() / p.name, p.vocab_size))
         self.arch = SimArch(p.vocab_size, p.max_model_len, (EOS_ID, IM_END_ID))
         self.asleep = False
+        self.kv_sizing: KVSizing | None = None  # the simulator is never profiled
+        self.faults = fault_injector(model_config.fault_injection)
         self.layout: KVCacheLayout | None = None
         self.seconds_simulated = 0.0
         self._busy_until = 0.0  # when the simulated device finishes its queued steps
@@ -94,6 +105,13 @@ class SimRunner:
         self.loaded = SimLoad(p.weight_bytes, time.perf_counter() - t0)
 
     # ---- the runner interface ------------------------------------------------------
+    @property
+    def prefers_async_scheduling(self) -> bool:
+        return False  # its steps are sleeps: nothing to overlap
+
+    def bind_thread(self) -> None:
+        pass
+
     def plan_kv_cache(self) -> KVCacheLayout:
         cfg = self.cache_config
         per_block = self.profile.kv_bytes_per_token * self.block_size
@@ -122,6 +140,7 @@ class SimRunner:
         if sched.is_empty:
             return SimStep(out, now)
         prefill = decode = kv = 0
+        failed: dict[str, str] = {}
         for item in sched.scheduled:
             r = item.request
             is_decode = item.num_new_tokens == 1 and item.start >= r.num_prompt_tokens
@@ -132,21 +151,33 @@ class SimRunner:
             kv += item.start + item.num_new_tokens
             if item.samples:
                 outputs = r.output_token_ids
-                if item.input_in_flight:
+                if item.input_in_flight:  # an engine bug, not the request's: the step fails
                     if prev is None or r.request_id not in prev.output.sampled:
                         raise RuntimeError(
                             f"request {r.request_id!r} takes a token in flight, but the "
                             "previous step given did not sample it"
                         )
                     outputs = [*outputs, prev.output.sampled[r.request_id]]
-                token = self._next_token(r, outputs)
-                out.sampled[r.request_id] = token
-                if r.sampling_params.logprobs is not None:
-                    out.logprobs[r.request_id] = _fake_logprobs(token, r.sampling_params.logprobs)
+                try:  # the request's own sampling: a failure ends it alone
+                    self._sample(item, outputs, out)
+                except Exception as exc:
+                    logger.exception("request %s: sampling setup failed", r.request_id)
+                    failed[r.request_id] = describe_error(exc)
         step = self.profile.step_seconds(prefill, decode, kv)
         self.seconds_simulated += step
         self._busy_until = max(now, self._busy_until) + step / self.time_scale
-        return SimStep(out, self._busy_until)
+        return SimStep(out, self._busy_until, failed)
+
+    def _sample(self, item: ScheduledRequest, outputs: list[int], out: RunnerOutput) -> None:
+        """The request's next token after ``outputs`` (its outputs so far, one in flight
+        included) into ``out``."""
+        r = item.request
+        if self.faults is not None:
+            self.faults.check(SAMPLE, r.request_id, item.output_index)
+        token = self._next_token(r, outputs)
+        out.sampled[r.request_id] = token
+        if r.sampling_params.logprobs is not None:
+            out.logprobs[r.request_id] = _fake_logprobs(token, r.sampling_params.logprobs)
 
     def collect(self, step: SimStep) -> RunnerOutput:
         remaining = step.ready_at - time.perf_counter()
