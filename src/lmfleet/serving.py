@@ -20,8 +20,14 @@ def uvicorn_loop() -> str:
     return fastest("uvloop", "asyncio")
 
 
-def uvicorn_http() -> str:
-    return fastest("httptools", "h11")
+def uvicorn_http() -> str | type:
+    """httptools when installed, in :mod:`lmfleet.http10`'s variant that streams to
+    HTTP/1.0 clients without chunked encoding; else h11 (which does so itself)."""
+    if fastest("httptools", "h11") == "h11":
+        return "h11"
+    from lmfleet.http10 import HttpToolsProtocol
+
+    return HttpToolsProtocol
 
 
 # Bucket upper bounds in seconds (+Inf is added by the client library).

@@ -2,7 +2,8 @@
 
 :class:`Tokenizer` wraps a Hugging Face ``tokenizers`` tokenizer loaded from a model
 directory and renders chat templates the way ``transformers`` does (sandboxed jinja2,
-same globals and filters), without depending on ``transformers``.
+same globals and filters), without depending on ``transformers``, every render within
+time, step and size limits (:mod:`lmfleet.engine.template_guard`).
 :class:`IncrementalDetokenizer` turns a stream of sampled ids into text deltas, and
 :class:`StopChecker` cuts that text at stop strings. None of this knows about models,
 scheduling or HTTP.
@@ -22,10 +23,15 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmfleet.engine.template_guard import (
+    RenderLimitExceeded,
+    RenderLimits,
+    compile_guarded,
+    render,
+)
 from lmfleet.errors import ModelLoadError, RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,12 @@ class ChatTemplateError(RequestRejected):
 
     code = "invalid_request"
     param = "messages"
+
+
+class ChatTemplateLimit(ChatTemplateError):
+    """The render passed its time, step or size limit (:class:`RenderLimits`)."""
+
+    code = "chat_template_limit"
 
 
 # --------------------------------------------------------------------------- loading
@@ -168,6 +180,15 @@ def _apply_bos_eos_flags(
 # --------------------------------------------------------------------------- chat templates
 
 
+def check_chat_templates(templates: Mapping[str, str], where: str | Path) -> None:
+    """Raise :class:`ModelLoadError` unless every template compiles."""
+    for name, source in templates.items():
+        try:
+            _compile_template(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ModelLoadError(f"chat template {name!r} in {where} does not compile: {e}") from e
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (assistant-mask markers): renders the body."""
 
@@ -230,17 +251,24 @@ def _tojson(
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
+def _setup_environment(env: jinja2.Environment) -> None:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _namespace
-    return env.from_string(source)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_template(source: str) -> jinja2.Template:
+    """A sandboxed template whose renders :func:`render` keeps within limits."""
+    return compile_guarded(
+        source,
+        setup=_setup_environment,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -337,13 +365,7 @@ class Tokenizer:
             data = _read_json(model_dir / name, required=False) or {}
             extra_eos += _int_ids(data.get("eos_token_id"))
         templates = _chat_templates(model_dir, config)
-        for name, source in templates.items():
-            try:
-                _compile_template(source)
-            except jinja2.TemplateSyntaxError as e:
-                raise ModelLoadError(
-                    f"chat template {name!r} in {model_dir} does not compile: {e}"
-                ) from e
+        check_chat_templates(templates, model_dir)
         return cls(
             backend,
             config,
@@ -461,6 +483,11 @@ class Tokenizer:
             param="chat_template",
         )
 
+    def is_named_template(self, chat_template: str) -> bool:
+        """Whether ``chat_template`` names one of the model's own templates (rather
+        than being a template source)."""
+        return chat_template in self._templates
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -468,13 +495,18 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template: str | None = None,
+        limits: RenderLimits | None = None,
         **extra: Any,
     ) -> str:
         """Render ``messages`` with the model's chat template (or ``chat_template``: a name
-        or a template source), exactly as transformers' ``apply_chat_template(tokenize=False)``."""
+        or a template source), exactly as transformers' ``apply_chat_template(tokenize=False)``,
+        within ``limits`` (time, steps, size; the defaults when None) whichever template it is.
+        A failure names ``chat_template`` when the source came with the call, else ``messages``."""
         if not messages:
             raise ChatTemplateError("messages must not be empty")
         source = self._select_template(chat_template, tools is not None)
+        given = chat_template is not None and not self.is_named_template(chat_template)
+        param = "chat_template" if given else "messages"
         try:
             template = _compile_template(source)
         except jinja2.TemplateSyntaxError as e:
@@ -490,11 +522,18 @@ class Tokenizer:
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return template.render(**variables)
+            return render(template, variables, limits or RenderLimits())
+        except RenderLimitExceeded as e:
+            raise ChatTemplateLimit(f"{e}; the render was stopped", param=param) from None
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(str(e) or type(e).__name__) from e
-        except (TypeError, ValueError, KeyError, IndexError) as e:
-            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from e
+            raise ChatTemplateError(str(e) or type(e).__name__, param=param) from e
+        except RecursionError:
+            raise ChatTemplateError("the chat template recursed too deeply", param=param) from None
+        except Exception as e:  # the template's code failed, e.g. OverflowError, TypeError
+            raise ChatTemplateError(
+                f"the chat template failed on these messages: {type(e).__name__}: {e}",
+                param=param,
+            ) from e
 
     def encode_chat(
         self,
@@ -629,8 +668,22 @@ class StopChecker:
         return held
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
-    """The model directory's tokenizer, or None when it ships no ``tokenizer.json``."""
-    if not (Path(model_dir) / "tokenizer.json").exists():
+def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None) -> Tokenizer | None:
+    """The model's tokenizer, or None when it has none: ``tokenizer`` (a Hugging Face
+    tokenizer directory) when given, else the model directory's ``tokenizer.json``,
+    else, for a GGUF checkpoint (a ``.gguf`` file, a directory holding one, a built-in
+    model name), the tokenizer its metadata describes."""
+    if tokenizer is not None:
+        if not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise ModelLoadError(f"tokenizer.json not found in {tokenizer} (--tokenizer)")
+        return Tokenizer.from_dir(tokenizer)
+    if (Path(model_dir) / "tokenizer.json").exists():
+        return Tokenizer.from_dir(model_dir)
+    from lmfleet.engine.models.gguf_file import find_gguf
+
+    gguf = find_gguf(model_dir)
+    if gguf is None:
         return None
-    return Tokenizer.from_dir(model_dir)
+    from lmfleet.engine.gguf_tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(gguf)

@@ -5,6 +5,10 @@ the HTTP server answers ``/health/live`` (200) and ``/health/ready`` (503) while
 weights load; the replica turns READY after a warm-up generation. Middleware is pure
 ASGI (safe on streaming routes): a body-size limit answering 413 in the OpenAI
 error format. Errors of every route are mapped in :mod:`lmfleet.server.errors`.
+
+The app owns a small thread pool for chat-template renders (``app.state.template_pool``,
+with the render limits in ``app.state.template_limits``), so that no template, the
+model's or a request's, runs on the event loop.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,11 +29,15 @@ from lmfleet.server.admin import admin_router
 from lmfleet.server.admin import router as health_router
 from lmfleet.server.auth import require_api_key
 from lmfleet.server.errors import ApiError
+from lmfleet.server.openai_routes import UnknownFields, template_limits
 from lmfleet.server.openai_routes import router as openai_router
 from lmfleet.server.replica import Replica
 from lmfleet.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+#: threads rendering chat templates (renders hold the GIL: more would not run faster)
+_TEMPLATE_THREADS = min(4, os.cpu_count() or 1)
 
 
 class BodyTooLarge(HTTPException):
@@ -90,6 +100,8 @@ def build_app(settings: ServerSettings, *, replica: Replica | None = None) -> Fa
     """The ASGI app of one replica. ``replica`` lets a caller (``lmfleet serve``)
     keep a handle for signals; by default one is built from ``settings``."""
     replica = replica or Replica(settings)
+    limits = template_limits(settings.chat_template_timeout_s, settings.chat_template_max_chars)
+    pool = ThreadPoolExecutor(_TEMPLATE_THREADS, thread_name_prefix="lmfleet-template")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +115,7 @@ def build_app(settings: ServerSettings, *, replica: Replica | None = None) -> Fa
                 with contextlib.suppress(asyncio.CancelledError):
                     await load
             await replica.shutdown()
+            pool.shutdown(wait=False, cancel_futures=True)  # renders end within their limits
 
     app = FastAPI(
         title="lmfleet replica",
@@ -111,6 +124,9 @@ def build_app(settings: ServerSettings, *, replica: Replica | None = None) -> Fa
         lifespan=lifespan,
     )
     app.state.replica = replica
+    app.state.template_pool = pool
+    app.state.template_limits = limits
+    app.state.unknown_fields = UnknownFields(replica.metrics)
     errors.install(
         app, retry_after_s=settings.retry_after_s, on_rejected=replica.metrics.record_rejected
     )

@@ -24,9 +24,11 @@ from lmfleet.errors import (
     EngineDead,
     LmfleetError,
     QueueFull,
+    RequestFailed,
     RequestRejected,
 )
 from lmfleet.http_errors import INVALID_REQUEST, OpenAIHTTPError
+from lmfleet.server.protocol import LONE_SURROGATE
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def from_lmfleet(exc: LmfleetError, *, retry_after_s: int = 1) -> ApiError:
         return ApiError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, EngineBusy):
         return ApiError(409, str(exc), code="engine_busy", type="conflict_error")
+    if isinstance(exc, RequestFailed):  # this request alone; the engine goes on
+        return ApiError(500, str(exc), code=exc.code)
     if isinstance(exc, EngineDead):
         return ApiError(
             503, str(exc), code="engine_dead", headers={"Retry-After": str(retry_after_s)}
@@ -112,6 +116,13 @@ def from_validation(errors: Sequence[Mapping[str, Any]]) -> ApiError:
             400,
             f"The request body is not valid JSON: {detail}",
             code="invalid_json",
+        )
+    if first.get("type") == LONE_SURROGATE:  # raised for the whole body, names the string
+        prefix = field_path(first["loc"])
+        inner = str((first.get("ctx") or {}).get("field") or "")
+        name = f"{prefix}.{inner}" if prefix and inner else (prefix or inner or None)
+        return ApiError(
+            400, str(first.get("msg", "invalid text")), param=name, code="invalid_value"
         )
     if first.get("type") == "extra_forbidden":
         name = field_path(first["loc"])

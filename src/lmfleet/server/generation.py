@@ -1,7 +1,7 @@
 """One API request's generation: ``n`` (× prompts) engine requests run side by side.
 
 :class:`Generation` fans a request out into one engine request per choice (distinct
-request ids, seeds ``seed + i``), merges their delta outputs into one stream of
+request ids, seeds ``seed + i`` wrapped into 64 bits), merges their delta outputs into one stream of
 ``(choice, output)`` events, keeps each choice's text, tokens and logprobs, and
 reports finished requests to the metrics. A single choice (the common case) reads
 the engine's stream directly, in the consumer's task; several are pumped by one
@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from lmfleet.engine.async_engine import AsyncEngine
+from lmfleet.engine.client import EngineClient
 from lmfleet.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 from lmfleet.server.metrics import ReplicaMetrics
 from lmfleet.server.replica import Ticket
@@ -69,7 +69,7 @@ class ClientDisconnected(Exception):
 class Generation:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: EngineClient,
         jobs: list[Job],
         ticket: Ticket,
         metrics: ReplicaMetrics,
@@ -257,6 +257,25 @@ async def ready_batches(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
         except StopAsyncIteration:
             return
         batch.append(item)
+
+
+async def send_within(
+    send: Callable[[Any], Awaitable[None]], message: Any, timeout_s: float
+) -> bool:
+    """``await send(message)``, False if it had to wait longer than ``timeout_s``
+    (the client stopped reading). A send that completes without waiting, the
+    common case, arms no timer: its first step is run here, as in :func:`ready_batches`."""
+    step = send(message).__await__()
+    try:
+        waiting = step.send(None)
+    except StopIteration:
+        return True
+    try:
+        async with asyncio.timeout(timeout_s):
+            await _Resume(step, waiting)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _abandon(step: Generator[Any, Any, Any]) -> None:

@@ -27,8 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from lmfleet.engine.core import EngineStats
 from lmfleet.engine.request import FinishReason, RequestOutput
+from lmfleet.engine.stats import EngineStats
 from lmfleet.serving import E2E_BUCKETS, TOKEN_GAP_BUCKETS, TTFT_BUCKETS
 
 __all__ = [
@@ -260,6 +260,11 @@ class ReplicaMetrics:
         self._rejected = self._counter(
             "request_rejected", "Requests refused before reaching the engine.", ("reason",)
         )
+        self._unknown_fields = self._counter(
+            "request_unknown_fields",
+            "Request fields lmfleet does not know, ignored (or refused when strict).",
+            ("field",),
+        )
         h = self._histogram
         self._ttft = h("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
         self._tpot = h(
@@ -306,6 +311,10 @@ class ReplicaMetrics:
     # ---- requests -------------------------------------------------------------------
     def record_rejected(self, reason: str) -> None:
         self._rejected.labels(*self._labels, reason).inc()
+
+    def record_unknown_field(self, field: str) -> None:
+        """One request carried ``field`` (the caller bounds how many names there are)."""
+        self._unknown_fields.labels(*self._labels, field).inc()
 
     def record_finished(
         self, output: RequestOutput, num_prompt_tokens: int, num_generation_tokens: int

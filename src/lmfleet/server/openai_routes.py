@@ -5,11 +5,20 @@ fields lmfleet cannot honour (400/404), build the prompt token ids and the sampl
 parameters (400 naming the field), admit the request (503/429, synchronous), fan it
 out (:class:`~lmfleet.server.generation.Generation`), then either collect the
 choices or stream them as server-sent events ending in ``data: [DONE]``.
+
+Fields a request carries that lmfleet does not know are ignored, with one warning
+per name and a counter (:class:`UnknownFields`), or refused under
+``--strict-request-fields``. Chat prompts are rendered off the event loop, in the
+app's template pool, within the render limits; ``/tokenize`` renders them with the
+same function, so its count is the chat route's ``prompt_tokens``. A request the
+server cuts short (the drain deadline aborts it) is an error, never a finish reason
+outside the spec: a 503, or mid-stream an error event before ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -24,7 +33,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from lmfleet.engine.request import RequestOutput, SamplingParams, TokenLogprobs
+from lmfleet.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
+from lmfleet.engine.template_guard import RenderLimits
 from lmfleet.engine.tokenizer import Tokenizer
 from lmfleet.errors import InvalidSamplingParams, LmfleetError, RequestRejected
 from lmfleet.server.errors import ApiError, from_lmfleet, rename_param
@@ -34,9 +44,13 @@ from lmfleet.server.generation import (
     Generation,
     Job,
     ready_batches,
+    send_within,
     unless_disconnected,
 )
+from lmfleet.server.metrics import ReplicaMetrics
 from lmfleet.server.protocol import (
+    INT64_MIN,
+    SYSTEM_FINGERPRINT,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -60,6 +74,7 @@ from lmfleet.server.protocol import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    message_error,
     unsupported_fields,
 )
 from lmfleet.server.replica import Replica
@@ -72,14 +87,55 @@ router = APIRouter()
 _CLIENT_CLOSED = 499
 #: JSON has no -inf; vLLM clamps the same way
 _MIN_LOGPROB = -9999.0
-#: template variables a client's chat_template_kwargs may not override
+#: template variables a client's chat_template_kwargs may not override ("limits" is
+#: apply_chat_template's own keyword)
 _RESERVED_TEMPLATE_KEYS = frozenset(
-    {"messages", "tools", "add_generation_prompt", "chat_template", "documents"}
+    {"messages", "tools", "add_generation_prompt", "chat_template", "documents", "limits"}
 )
+#: distinct unknown field names warned about and counted by name; later ones are "other"
+_MAX_UNKNOWN_NAMES = 64
 
 
 def _replica(request: Request) -> Replica:
     return request.app.state.replica
+
+
+class UnknownFields:
+    """Request fields lmfleet does not know: a warning the first time each name is
+    seen and a counter per name. Names come from clients, so at most
+    ``_MAX_UNKNOWN_NAMES`` get their own warning and label; later ones count as
+    ``other``."""
+
+    def __init__(self, metrics: ReplicaMetrics) -> None:
+        self._metrics = metrics
+        self._seen: set[str] = set()
+
+    def note(self, names: Sequence[str], path: str) -> None:
+        for name in dict.fromkeys(names):
+            if name not in self._seen:
+                if len(self._seen) >= _MAX_UNKNOWN_NAMES:
+                    self._metrics.record_unknown_field("other")
+                    continue
+                self._seen.add(name)
+                logger.warning(
+                    "%s: ignoring the unknown request field %r (warned once; "
+                    "lmfleet_request_unknown_fields_total counts it; "
+                    "--strict-request-fields refuses such requests)",
+                    path,
+                    name,
+                )
+            self._metrics.record_unknown_field(name)
+
+
+def _check_fields(request: Request, body: Any) -> None:
+    """Ignore (and report) fields lmfleet does not know, or refuse them when strict."""
+    unknown = body.unknown_fields()
+    if not unknown:
+        return
+    if _replica(request).settings.strict_request_fields:
+        name = unknown[0]
+        raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
+    request.app.state.unknown_fields.note(unknown, request.url.path)
 
 
 # ---- models ---------------------------------------------------------------------------
@@ -103,22 +159,9 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     replica = _replica(request)
-    model = _check_request(replica, body)
+    model = _check_request(request, replica, body)
     tok = replica.tokenizer
-    messages = [m.for_template() for m in body.messages]
-    kwargs = {
-        k: v for k, v in (body.chat_template_kwargs or {}).items()
-        if k not in _RESERVED_TEMPLATE_KEYS
-    }  # fmt: skip
-    if body.documents is not None:
-        kwargs["documents"] = body.documents
-    prompt_ids = tok.encode_chat(
-        messages,
-        add_generation_prompt=body.add_generation_prompt,
-        tools=body.tools if body.tool_choice != "none" else None,
-        chat_template=body.chat_template,
-        **kwargs,
-    )
+    prompt_ids = await _chat_prompt_ids(request, tok, body)
     aliases = {
         "max_tokens": body.max_tokens_field,
         "logprobs": "top_logprobs",
@@ -134,15 +177,81 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     fmt = _ChatFormat(rid, model, tok, gen)
     if body.stream:
         return await _stream(request, gen, fmt, body, aliases, echo_id)
-    await _collect(request, gen, aliases)
+    await _collect(request, gen, aliases, replica)
     return _json(fmt.response(), echo_id)
+
+
+async def _chat_prompt_ids(
+    request: Request,
+    tok: Tokenizer,
+    body: ChatCompletionRequest | TokenizeRequest,
+    *,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The conversation's prompt ids, the same for ``/v1/chat/completions`` and
+    ``/tokenize``: the messages checked, the template rendered in the app's template
+    pool (never on the event loop) within the render limits, then encoded (without
+    BOS/EOS unless ``add_special_tokens``: the template writes its own).
+
+    Tools are rendered whenever they are given: with ``tool_choice: "none"`` (the
+    only choice a chat request may pair with tools) the model sees them, as in vLLM,
+    but is not asked to call them."""
+    if body.messages is None:  # TokenizeRequest's validator makes this unreachable
+        raise ApiError(400, "messages is required", param="messages")
+    bad = message_error(body.messages)
+    if bad is not None:
+        field, why = bad
+        raise ApiError(400, why, param=field, code="invalid_value")
+    template = body.chat_template
+    sent = template is not None and not tok.is_named_template(template)
+    if sent and not _replica(request).settings.trust_request_chat_template:
+        names = ", ".join(repr(n) for n in tok.chat_template_names) or "none"
+        raise ApiError(
+            400,
+            "chat templates sent in requests are refused: start the replica with "
+            "--trust-request-chat-template to render them, or name one of the "
+            f"model's own templates ({names})",
+            param="chat_template",
+            code="unsupported_parameter",
+        )
+    kwargs = {
+        k: v for k, v in (body.chat_template_kwargs or {}).items()
+        if k not in _RESERVED_TEMPLATE_KEYS
+    }  # fmt: skip
+    if body.documents is not None:
+        kwargs["documents"] = body.documents
+    work = functools.partial(
+        _render_and_encode,
+        tok,
+        [m.for_template() for m in body.messages],
+        add_special_tokens,
+        add_generation_prompt=body.add_generation_prompt,
+        tools=body.tools or None,
+        chat_template=template,
+        limits=request.app.state.template_limits,
+        **kwargs,
+    )
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.template_pool, work)
+
+
+def _render_and_encode(
+    tok: Tokenizer, messages: list[dict[str, Any]], add_special_tokens: bool, **kwargs: Any
+) -> list[int]:
+    text = tok.apply_chat_template(messages, **kwargs)
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+def template_limits(timeout_s: float, max_chars: int) -> RenderLimits:
+    """The render limits of a replica's chat templates (``ConfigError`` if invalid)."""
+    return RenderLimits(timeout_s=timeout_s, max_chars=max_chars)
 
 
 # ---- completions ---------------------------------------------------------------------------
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     replica = _replica(request)
-    model = _check_request(replica, body)
+    model = _check_request(request, replica, body)
     tok = replica.tokenizer
     prompts = body.prompts
     if not prompts:
@@ -163,7 +272,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     fmt = _CompletionFormat(rid, model, tok, gen, echo)
     if body.stream:
         return await _stream(request, gen, fmt, body, aliases, echo_id)
-    await _collect(request, gen, aliases)
+    await _collect(request, gen, aliases, replica)
     return _json(fmt.response(), echo_id)
 
 
@@ -172,20 +281,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     replica = _replica(request)
     replica.check_model(body.model)
+    _check_fields(request, body)
     tok = replica.tokenizer
     if body.messages is not None:
-        kwargs = {
-            k: v for k, v in (body.chat_template_kwargs or {}).items()
-            if k not in _RESERVED_TEMPLATE_KEYS
-        }  # fmt: skip
-        text = tok.apply_chat_template(
-            [m.for_template() for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt,
-            tools=body.tools,
-            chat_template=body.chat_template,
-            **kwargs,
+        ids = await _chat_prompt_ids(
+            request, tok, body, add_special_tokens=bool(body.add_special_tokens)
         )
-        ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
     else:
         add = True if body.add_special_tokens is None else body.add_special_tokens
         ids = tok.encode(body.prompt or "", add_special_tokens=add)
@@ -201,6 +302,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     replica = _replica(request)
     replica.check_model(body.model)
+    _check_fields(request, body)
     tok = replica.tokenizer
     for i, t in enumerate(body.tokens):
         if not 0 <= t < tok.vocab_size:
@@ -214,8 +316,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 
 
 # ---- shared steps ---------------------------------------------------------------------------
-def _check_request(replica: Replica, body: GenerationRequest) -> str:
+def _check_request(request: Request, replica: Replica, body: GenerationRequest) -> str:
     model = replica.check_model(body.model)
+    _check_fields(request, body)
     bad = unsupported_fields(body)
     if bad is not None:
         field, why = bad
@@ -272,7 +375,9 @@ def _start(
         for i in range(body.n):
             index = p * body.n + i
             seeded = (
-                params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
+                params
+                if params.seed is None or i == 0
+                else _with_seed(params, copy_seed(params.seed, i))
             )
             jobs.append(Job(index, p, ids, seeded, f"{rid}-{index}"))
     ticket = replica.admit(len(jobs))
@@ -287,7 +392,15 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=seed)
 
 
-async def _collect(request: Request, gen: Generation, aliases: dict[str, str]) -> None:
+def copy_seed(seed: int, i: int) -> int:
+    """The seed of copy ``i`` of ``n``: ``seed + i``, wrapped into the signed 64-bit
+    range (``2**63 - 1`` is followed by ``-2**63``), so every copy's seed is valid."""
+    return (seed + i - INT64_MIN) % 2**64 + INT64_MIN
+
+
+async def _collect(
+    request: Request, gen: Generation, aliases: dict[str, str], replica: Replica
+) -> None:
     try:
         await unless_disconnected(request, gen.run_to_end())
     except ClientDisconnected:
@@ -297,6 +410,23 @@ async def _collect(request: Request, gen: Generation, aliases: dict[str, str]) -
         raise rename_param(exc, aliases) from None
     finally:
         gen.close()
+    if any(c.finish_reason is FinishReason.ABORT for c in gen.choices):
+        raise _cut_short(replica.settings.retry_after_s)
+
+
+def _cut_short(retry_after_s: int) -> ApiError:
+    """A request the server aborted before it finished (the drain deadline)."""
+    return ApiError(
+        503,
+        "the server aborted this request before it finished (the replica is shutting "
+        "down); retry it, on another replica if need be",
+        code="aborted",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def _is_cut(out: RequestOutput) -> bool:
+    return out.finished and out.finish_reason is FinishReason.ABORT
 
 
 def _json(model: BaseModel, rid: str) -> JSONResponse:
@@ -314,20 +444,35 @@ class _SSEResponse(Response):
     one ``send`` per batch of chunks. A watcher task cancels the stream when the
     client disconnects (uvicorn drops writes to a closed connection silently, so
     nothing else would stop it). ``on_close`` runs synchronously however the stream
-    ends (complete, client gone, server shutting down)."""
+    ends (complete, client gone, stalled, server shutting down).
+
+    A client that stops reading makes the server's ``send`` wait (uvicorn's write
+    flow control) and the stream stops pulling outputs. If a write waits longer
+    than ``write_timeout_s``, the request is aborted (its engine slot and admission
+    ticket freed) and the connection closed unfinished: what a stalled stream holds
+    is bounded by the socket buffers plus that many seconds of output."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None], rid: str):
+    def __init__(
+        self,
+        chunks: AsyncIterator[str],
+        on_close: Callable[[], None],
+        rid: str,
+        write_timeout_s: float,
+    ):
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Request-Id": rid})
         self._chunks = chunks
         self._on_close = on_close
+        self._rid = rid
+        self._write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         gone = False
+        timeout = self._write_timeout_s
 
         async def watch() -> None:
             nonlocal gone
@@ -339,11 +484,24 @@ class _SSEResponse(Response):
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for text in self._chunks:
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
-            gone = True  # complete: the disconnect that follows is not the client leaving
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            sent = await send_within(send, start, timeout)
+            if sent:
+                async for text in self._chunks:
+                    body = {"type": "http.response.body", "body": text.encode(), "more_body": True}
+                    sent = await send_within(send, body, timeout)
+                    if not sent:
+                        break
+            if sent:
+                gone = True  # complete: the disconnect that follows is not the client leaving
+                end = {"type": "http.response.body", "body": b"", "more_body": False}
+                sent = await send_within(send, end, timeout)
+            if not sent:
+                logger.warning(
+                    "stream %s: the client took no data for %g s; request aborted",
+                    self._rid,
+                    timeout,
+                )
         except asyncio.CancelledError:
             if not gone or task is None or task.uncancel() > 0:
                 raise
@@ -387,6 +545,7 @@ async def _stream(
 
     options = body_req.stream_options
     continuous = bool(options and options.continuous_usage_stats)
+    settings = _replica(request).settings
 
     def emit(choice: Choice, out: RequestOutput) -> str | None:
         if not continuous:
@@ -397,6 +556,23 @@ async def _stream(
         chunk.usage = _usage(gen)  # vLLM's extra: usage so far on every chunk
         return _sse(chunk)
 
+    def emit_all(batch: Sequence[tuple[Choice, RequestOutput]]) -> tuple[str, bool]:
+        """The batch's events, and whether the server cut the stream short: then its
+        last delta is sent unfinished, followed by an error event (which the openai
+        client raises as ``APIError``) and ``[DONE]``."""
+        parts: list[str] = []
+        for choice, out in batch:
+            if _is_cut(out):
+                text = emit(choice, replace(out, finished=False, finish_reason=None))
+                cut = _cut_short(settings.retry_after_s)
+                logger.warning("stream %s: %s", fmt.rid, cut.message)
+                parts += [text or "", _sse(cut.body()), "data: [DONE]\n\n"]
+                return "".join(parts), True
+            text = emit(choice, out)
+            if text is not None:
+                parts.append(text)
+        return "".join(parts), False
+
     def closing() -> str:
         usage = _sse(fmt.usage_chunk()) if body_req.include_usage else ""
         return f"{usage}data: [DONE]\n\n"
@@ -404,14 +580,18 @@ async def _stream(
     async def body() -> AsyncIterator[str]:
         # one write per batch of ready deltas; the last one carries usage and [DONE]
         try:
-            head = "".join([*(_sse(c) for c in fmt.opening()), emit(*first) or ""])
-            if gen.done:
-                yield head + closing()
+            text, cut = emit_all([first])
+            head = "".join([*(_sse(c) for c in fmt.opening()), text])
+            if cut or gen.done:
+                yield head if cut else head + closing()
                 return
             if head:
                 yield head
             async for batch in ready_batches(events):
-                text = "".join([t for t in (emit(c, o) for c, o in batch) if t is not None])
+                text, cut = emit_all(batch)
+                if cut:
+                    yield text
+                    return
                 if gen.done:
                     text += closing()
                 if text:
@@ -422,7 +602,7 @@ async def _stream(
             logger.warning("stream %s failed: %s", fmt.rid, exc)
             yield _sse(from_lmfleet(exc).body()) + "data: [DONE]\n\n"
 
-    return _SSEResponse(body(), gen.close, echo_id)
+    return _SSEResponse(body(), gen.close, echo_id, settings.stream_write_timeout_s)
 
 
 # ---- formatting -------------------------------------------------------------------------------
@@ -460,6 +640,7 @@ class _StreamFormat:
     """What both stream formats share: one delta's event from a template."""
 
     _head: str
+    _tail: str  # what follows the choice: usage (chat only) and system_fingerprint
 
     def chunk(self, choice: Choice, out: RequestOutput) -> BaseModel | None:
         raise NotImplementedError
@@ -478,7 +659,7 @@ class _StreamFormat:
             return None
         return (
             f'{self._head}{choice.index},{self._content(out)},"logprobs":null,{_finish(out)}'
-            '}],"usage":null,"system_fingerprint":null}\n\n'
+            f"{self._tail}"
         )
 
 
@@ -487,6 +668,7 @@ class _ChatFormat(_StreamFormat):
         self.rid, self.model, self.tok, self.gen = rid, model, tok, gen
         self.created = int(time.time())
         self._head = _chunk_head(rid, "chat.completion.chunk", self.created, model)
+        self._tail = f'}}],"usage":null,"system_fingerprint":{json.dumps(SYSTEM_FINGERPRINT)}}}\n\n'
 
     def _content(self, out: RequestOutput) -> str:
         delta = f'{{"content":{json.dumps(out.text)}}}' if out.text else "{}"
@@ -571,6 +753,7 @@ class _CompletionFormat(_StreamFormat):
         self._offsets: dict[int, int] = {}  # choice index -> text offset of the next token
         self.created = int(time.time())
         self._head = _chunk_head(rid, "text_completion", self.created, model)
+        self._tail = f'}}],"system_fingerprint":{json.dumps(SYSTEM_FINGERPRINT)}}}\n\n'
 
     def _content(self, out: RequestOutput) -> str:
         return f'"text":{json.dumps(out.text)}'

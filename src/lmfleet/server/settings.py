@@ -60,18 +60,36 @@ class ServerSettings:
     max_seq_len_to_capture: int = 8192
     #: overlap the next step's scheduling with the current step (None: on for CUDA)
     async_scheduling: bool | None = None
+    #: a Hugging Face tokenizer directory instead of the model's own tokenizer
+    tokenizer: str | None = None
     progress: bool = True
     #: run the engine core in its own process (not a thread of the server's)
     engine_process: bool = False
     #: ``sim:PROFILE`` models only: run the simulated accelerator this many times faster
     sim_time_scale: float | None = None
+    #: honour fault-injection request ids (``lmfleet-fault-STAGE``; tests and drills)
+    fault_injection: bool = False
     # admission and lifecycle
     max_concurrent_requests: int = 1024
     max_waiting_requests: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
+    #: once the engine died, exit (status 1) after this long, so a supervisor replaces
+    #: the process; meanwhile /health/live fails and requests get 503
+    exit_on_engine_dead_after_s: float = 5.0
     warmup: bool = True
+    # request handling
+    #: render chat_template sources sent in requests (refused by default, as in vLLM)
+    trust_request_chat_template: bool = False
+    #: a chat-template render (the model's or a request's) stops after this long
+    chat_template_timeout_s: float = 2.0
+    #: ... or when its prompt would pass this many characters
+    chat_template_max_chars: int = 16 * 2**20
+    #: answer 400 to request fields lmfleet does not know, instead of ignoring them
+    strict_request_fields: bool = False
+    #: a stream whose client took no data for this long is aborted (its slot freed)
+    stream_write_timeout_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
     extra_engine: dict[str, object] = field(default_factory=dict)
@@ -90,7 +108,15 @@ class ServerSettings:
             ),
             (self.max_body_bytes > 0, "max_body_bytes", "must be positive"),
             (self.drain_timeout_s >= 0, "drain_timeout", "must be at least 0"),
+            (
+                self.exit_on_engine_dead_after_s >= 0,
+                "exit_on_engine_dead_after",
+                "must be at least 0",
+            ),
             (self.retry_after_s >= 0, "retry_after", "must be at least 0"),
+            (self.chat_template_timeout_s > 0, "chat_template_timeout_s", "must be positive"),
+            (self.chat_template_max_chars > 0, "chat_template_max_chars", "must be positive"),
+            (self.stream_write_timeout_s > 0, "stream_write_timeout_s", "must be positive"),
             (0 <= self.port < 65536, "port", "must be in [0, 65535]"),
             (bool(self.version_label), "version_label", "must not be empty"),
             (
@@ -143,6 +169,8 @@ class ServerSettings:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "async_scheduling": self.async_scheduling,
+            "fault_injection": self.fault_injection,
+            "tokenizer": self.tokenizer,
         }
         if self.sim_time_scale is not None:
             flat["sim_time_scale"] = self.sim_time_scale
@@ -160,7 +188,11 @@ class ServerSettings:
 
 
 def _field_of(name: str) -> str:
-    return {"drain_timeout": "drain_timeout_s", "retry_after": "retry_after_s"}.get(name, name)
+    return {
+        "drain_timeout": "drain_timeout_s",
+        "retry_after": "retry_after_s",
+        "exit_on_engine_dead_after": "exit_on_engine_dead_after_s",
+    }.get(name, name)
 
 
 _UNITS = {
