@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Set up and run lmfleet on the built-in default model (a random-weight 'tiny'
-# Llama created on first use). Extra arguments go to `lmfleet generate`.
+# Set up and ask the built-in default model (SmolLM2-135M-Instruct, a 98 MB GGUF that
+# setup installs) a question, greedy, through its chat template. Extra arguments go
+# to `lmfleet generate` (e.g. --prompt "..." or --model DIR_OR_FILE.gguf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 case " $* " in
     *" --prompt "*|*" --prompt="*) ;;
-    *) set -- --prompt "The fleet is ready to serve" --max-tokens 48 "$@" ;;
+    *) set -- --prompt "What is the capital of France?" "$@" ;;
 esac
-exec .venv/bin/lmfleet generate "$@"
+exec .venv/bin/lmfleet generate --chat --temperature 0 --max-tokens 64 "$@"

@@ -116,6 +116,16 @@ class ArchConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ArchConfig:
+        """The config of a checkpoint directory, or of a GGUF checkpoint (a ``.gguf``
+        file, a directory holding one, a built-in model name: see
+        :mod:`lmfleet.engine.models.gguf_loader`)."""
+        from lmfleet.engine.models.gguf_file import find_gguf
+
+        gguf = find_gguf(model_dir)
+        if gguf is not None:
+            from lmfleet.engine.models.gguf_loader import arch_from_file
+
+            return arch_from_file(gguf)
         path = Path(model_dir) / "config.json"
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

@@ -1,4 +1,5 @@
-"""Load a Hugging Face safetensors checkpoint into a decoder.
+"""Load a Hugging Face safetensors checkpoint into a decoder (GGUF files go to
+:mod:`lmfleet.engine.models.gguf_loader`).
 
 The module is built on the ``meta`` device (no memory), then each tensor is read
 from its file on its own, converted to the target dtype and device, and assigned
@@ -99,6 +100,15 @@ def load_model(
     ``max_model_len`` (default: the checkpoint's ``max_position_embeddings``) sizes
     the rotary tables and is checked against a configured sliding window.
     """
+    from lmfleet.engine.models.gguf_file import find_gguf
+
+    gguf = find_gguf(model_dir)
+    if gguf is not None:  # a .gguf file, a directory holding one, a built-in name
+        from lmfleet.engine.models.gguf_loader import load_gguf_model
+
+        return load_gguf_model(
+            gguf, dtype=dtype, device=device, progress=progress, max_model_len=max_model_len
+        )
     model_dir = Path(model_dir)
     device = torch.device(device)
     start = time.perf_counter()
