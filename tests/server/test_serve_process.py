@@ -240,11 +240,12 @@ def test_errors_through_the_client(server):
             client.chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "x"}]
             )
-        with pytest.raises(openai.BadRequestError) as exc:
-            client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "x"}], extra_body={"foo": 1}
-            )
-        assert exc.value.body["message"] == "Unrecognized request argument supplied: foo"
+        # unknown fields are ignored (refused only under --strict-request-fields)
+        ok = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+            extra_body={"foo": 1},
+        )  # fmt: skip
+        assert ok.choices[0].finish_reason in ("stop", "length")
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError) as exc:
             bad.models.list()

@@ -7,22 +7,29 @@ Flags keep vLLM's names. uvicorn runs programmatically; its signal handling is
 replaced so that the first SIGTERM or SIGINT drains (readiness 503, new requests
 503 + Retry-After, running ones finish) and the process exits 0 once idle or when
 ``--drain-timeout`` ends. A second SIGINT quits at once.
+
+For a supervisor (``lmfleet up``'s local provider): ``--port 0`` binds any free port,
+which is logged (``listening: host=H port=P pid=N``) and, with ``--port-file``,
+written to a file once the socket listens; ``--exit-with-parent PID`` drains and
+exits when the supervisor dies, even of SIGKILL (Linux).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from lmfleet.cli import add_shared_engine_flags
+from lmfleet.engine_flags import add_shared_engine_flags, default_model
 from lmfleet.server.lifecycle import ReplicaState
 from lmfleet.server.replica import Replica
 from lmfleet.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, parse_bytes
@@ -43,9 +50,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "model",
-        metavar="MODEL_DIR",
-        help="Hugging Face checkpoint directory, or sim:PROFILE for the simulated "
-        "accelerator (e.g. sim:llama-8b-h100; no weights, no GPU)",
+        metavar="MODEL",
+        nargs="?",
+        help="Hugging Face checkpoint directory, a GGUF file (or a directory holding one), "
+        "a built-in model name, or sim:PROFILE for the simulated accelerator (e.g. "
+        "sim:llama-8b-h100; no weights, no GPU). Default: the built-in "
+        "smollm2-135m-instruct",
     )
     _server_flags(p)
     _engine_flags(p)
@@ -57,7 +67,29 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def _server_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
-    g.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    g.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port to bind; 0 binds any free port, logged as 'listening: ... port=P' "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--port-file",
+        type=Path,
+        metavar="PATH",
+        help="once the socket listens, write the bound port to PATH (atomically: a "
+        "temporary file renamed), for a supervisor that started the replica with --port 0",
+    )
+    g.add_argument(
+        "--exit-with-parent",
+        type=int,
+        metavar="PID",
+        help="Linux: drain and exit (SIGTERM) when the parent process dies, even when it "
+        "is killed with SIGKILL (prctl PR_SET_PDEATHSIG); PID is the parent's process id, "
+        "and the replica exits at once if its parent is not that process any more "
+        "(default: off)",
+    )
     g.add_argument(
         "--served-model-name",
         nargs="+",
@@ -86,6 +118,37 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
         dest="access_log",
         action="store_false",
         help="do not log one line per HTTP request",
+    )
+    g.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render chat_template sources sent in requests (default: such requests get "
+        "400, as in vLLM); every render, the model's own template's too, is limited by "
+        "--chat-template-timeout and a size cap",
+    )
+    g.add_argument(
+        "--chat-template-timeout",
+        dest="chat_template_timeout_s",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a chat-template render that takes longer is stopped, and its request gets "
+        "400 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--strict-request-fields",
+        action="store_true",
+        help="answer 400 to request fields lmfleet does not know (default: ignore them, "
+        "with one warning per field name and lmfleet_request_unknown_fields_total)",
+    )
+    g.add_argument(
+        "--stream-write-timeout",
+        dest="stream_write_timeout_s",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="abort a stream whose client has taken no data for this long, freeing its "
+        "engine slot (default: %(default)s)",
     )
 
 
@@ -126,6 +189,14 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         help="speed the simulated accelerator up uniformly (steps, load, sleep, wake), "
         "e.g. 10 = ten times faster; only for sim:PROFILE models (default: 1)",
     )
+    g.add_argument(
+        "--fault-injection",
+        action="store_true",
+        help="for tests and drills, never in production: a request whose request_id "
+        "contains lmfleet-fault-STAGE[-after-N] fails on purpose once it has N tokens; "
+        "STAGE sample or output fails that request alone (500 request_failed), step "
+        "kills the engine (see docs/server.md) (default: off)",
+    )
 
 
 def _admission_flags(p: argparse.ArgumentParser) -> None:
@@ -159,8 +230,8 @@ def _admission_flags(p: argparse.ArgumentParser) -> None:
         default=30.0,
         metavar="SECONDS",
         help="on drain or SIGTERM, how long running requests may take before the rest are "
-        "aborted (finish_reason 'abort'); keep terminationGracePeriodSeconds above "
-        "preStop + this (default: %(default)s)",
+        "aborted (503 'aborted', or an error event in a stream); keep "
+        "terminationGracePeriodSeconds above preStop + this (default: %(default)s)",
     )
     g.add_argument(
         "--retry-after",
@@ -170,6 +241,17 @@ def _admission_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="Retry-After of 429 and 503 answers (default: %(default)s)",
     )
+    g.add_argument(
+        "--exit-on-engine-dead-after",
+        dest="exit_on_engine_dead_after_s",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="when the engine dies (a failed step, a crashed core process), exit with "
+        "status 1 after this long so that a supervisor (Kubernetes, lmfleet up) "
+        "replaces the replica; until then /health/live answers 503 and requests 503 "
+        "engine_dead (default: %(default)s)",
+    )
 
 
 class DrainingServer(uvicorn.Server):
@@ -177,14 +259,27 @@ class DrainingServer(uvicorn.Server):
     ``should_exit`` when it stops. uvicorn re-raises the signals it captured after
     it exits; these are not captured, so a clean drain exits with status 0."""
 
-    def __init__(self, config: uvicorn.Config, replica: Replica) -> None:
+    def __init__(
+        self, config: uvicorn.Config, replica: Replica, *, port_file: Path | None = None
+    ) -> None:
         super().__init__(config)
         self.replica = replica
+        self.port_file = port_file
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        # one stable line a supervisor or a script can parse (also for --port 0)
+        logger.info("listening: host=%s port=%d pid=%d", host, port, os.getpid())
+        if self.port_file is not None:
+            _write_atomically(self.port_file, f"{port}\n")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.replica.state
@@ -201,14 +296,50 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self.replica.start_drain)
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see no file or the whole text, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _exit_with_parent(parent_pid: int) -> bool:
+    """Have the kernel send SIGTERM (a drain) when the parent dies. False when the
+    parent is already gone (this process was re-parented before it got here).
+
+    The signal comes when the parent *thread* that started this process ends, so a
+    supervisor must start replicas from a thread that lives as long as it does (the
+    event loop's)."""
+    if not sys.platform.startswith("linux"):
+        logger.warning("--exit-with-parent works on Linux only; ignored")
+        return True
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    return os.getppid() == parent_pid  # checked after the prctl: no window left
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from lmfleet.server.app import build_app
 
+    if args.exit_with_parent is not None and not _exit_with_parent(args.exit_with_parent):
+        print(
+            f"lmfleet serve: the parent process {args.exit_with_parent} is gone "
+            "(--exit-with-parent); not starting",
+            file=sys.stderr,
+        )
+        return 1
     if args.api_key is None:
         args.api_key = os.environ.get("LMFLEET_API_KEY") or None
     if args.admin_token is None:
         args.admin_token = os.environ.get("LMFLEET_ADMIN_TOKEN") or None
     args.log_level = args.log_level.lower()
+    if args.model is None:
+        args.model = default_model()
     settings = ServerSettings.from_args(args)
     settings.engine_config()  # fail fast on a bad engine flag, before binding the port
     replica = Replica(settings)
@@ -225,13 +356,17 @@ def run_serve(args: argparse.Namespace) -> int:
         loop=uvicorn_loop(),
         http=uvicorn_http(),
     )
-    server = DrainingServer(config, replica)
+    # Bound here, before the model load starts: a taken port fails at once, and with
+    # --port 0 there is exactly one socket, so one port to report.
+    sock = config.bind_socket()
+    sock.set_inheritable(False)  # (uvicorn's, for its workers) no child may hold the port
+    server = DrainingServer(config, replica, port_file=args.port_file)
 
     def stopped() -> None:
         server.should_exit = True
 
     replica.on_stopped = stopped
-    server.run()  # asyncio.run(server.serve()) on the configured loop
+    server.run(sockets=[sock])  # asyncio.run(server.serve()) on the configured loop
     if replica.error is not None:
         print(f"lmfleet serve: {replica.error}", file=sys.stderr)
     return replica.exit_code
