@@ -13,6 +13,8 @@ from lmfleet.gateway.abstats import (
     VersionSamples,
     betainc,
     compare,
+    quantile_interval,
+    quantile_ratio_interval,
     report,
     student_t_cdf,
     student_t_ppf,
@@ -92,10 +94,34 @@ def test_welch_is_antisymmetric_and_handles_small_and_constant_samples():
     assert few.diff == pytest.approx(1.5) and few.p_value is None and few.ci_low is None
     empty = welch([], [])
     assert empty.mean_a is None and empty.diff is None
+    # no variance on either side: no test, not p = 0 with a zero-width interval
     same = welch([2.0, 2.0], [2.0, 2.0, 2.0])
-    assert (same.p_value, same.ci_low, same.ci_high) == (1.0, 0.0, 0.0)
+    assert (same.diff, same.p_value, same.ci_low, same.ci_high) == (0.0, None, None, None)
     apart = welch([2.0, 2.0], [3.0, 3.0])
-    assert apart.p_value == 0.0 and apart.ci_low == apart.ci_high == 1.0
+    assert apart.diff == 1.0 and (apart.p_value, apart.ci_low, apart.ci_high) == (None,) * 3
+    one_side = welch([2.0, 2.0, 2.0], [2.5, 3.0, 3.5])  # the other side's variance suffices
+    assert one_side.p_value is not None and one_side.ci_low < one_side.ci_high
+
+
+def test_quantile_interval_covers_the_p90_at_least_95_percent_of_the_time():
+    rng = np.random.default_rng(7)
+    true_p90 = float(np.exp(0.5 * 1.2815515655446004))  # log-normal(0, 0.5)
+    for n in (30, 200):
+        covered = 0
+        for _ in range(1000):
+            lo, hi = quantile_interval(rng.lognormal(0.0, 0.5, size=n).tolist(), 0.9)
+            covered += lo <= true_p90 <= hi
+        assert covered / 1000 >= 0.94, n
+
+
+def test_quantile_ratio_interval():
+    a = [1.0 + i / 100 for i in range(100)]
+    point, lo, hi = quantile_ratio_interval(a, [2 * x for x in a], 0.9)
+    assert point == pytest.approx(2.0) and lo < 2.0 < hi
+    assert quantile_ratio_interval([1.0], a, 0.9) is None
+    assert quantile_ratio_interval([0.0] * 10, a, 0.9) is None
+    const = quantile_ratio_interval([0.5] * 10, [0.5] * 10, 0.9)
+    assert const == (1.0, 1.0, 1.0)
 
 
 def test_welch_interval_covers_the_true_difference_95_percent_of_the_time():

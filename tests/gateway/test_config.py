@@ -78,3 +78,30 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    bad = tmp_path / "f.yaml"
+    bad.write_bytes(b"models:\n  - name: \xe9t\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset 18\)"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ({"name": "a", "weight": float("inf")}, "weight: must be a finite number ≥ 0"),
+        ({"name": "a", "weight": float("nan")}, "weight: must be a finite number ≥ 0"),
+        ({"name": "a", "replicas": ["http://h:99999"]}, "a port is 1..65535"),
+        ({"name": "a", "replicas": ["http://"]}, "has no host"),
+        ({"name": "a", "replicas": ["ftp://h:1"]}, "must start with http:// or https://"),
+    ],
+)
+def test_weights_and_replica_urls_are_checked(version, expected):
+    assert expected in _errors(_doc(versions=[version]))
+
+
+def test_a_rollout_starts_below_100_percent():
+    rollout = {"baseline": "v1", "candidate": "v2", "steps": [{"weight": 100}]}
+    doc = _doc(versions=[{"name": "v1"}, {"name": "v2"}], rollout=rollout)
+    assert "models[0].rollout.steps: the first step must stay below 100" in _errors(doc)

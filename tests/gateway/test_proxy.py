@@ -5,29 +5,22 @@ changes under load, resume against a replica that breaks mid-stream."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
 
-from tests.gateway.fakes import FakeReplica, ServerThread, fleet, gateway_thread, wait_for
-
-
-@contextmanager
-def running(*fakes: FakeReplica) -> Iterator[list[ServerThread]]:
-    with ExitStack() as stack:
-        yield [stack.enter_context(ServerThread(f.app())) for f in fakes]
-
-
-@contextmanager
-def gateway(doc: dict) -> Iterator[tuple[httpx.Client, object]]:
-    server, app = gateway_thread(doc)
-    with server, httpx.Client(base_url=server.url, timeout=20) as client:
-        yield client, app
+from tests.gateway.fakes import (
+    FakeReplica,
+    fleet,
+    gateway,
+    metric,
+    ready,
+    running,
+    wait_for,
+)
 
 
 def stream_text(client: httpx.Client, path: str, body: dict, headers: dict | None = None):
@@ -44,22 +37,6 @@ def stream_text(client: httpx.Client, path: str, body: dict, headers: dict | Non
             for c in chunk["choices"]:
                 text.append(c.get("text") or (c.get("delta") or {}).get("content") or "")
         return "".join(text), ids, r.headers
-
-
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    total = 0.0
-    for line in client.get("/metrics").text.splitlines():
-        if (
-            line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
-        ) or (line.startswith(name + " ") and not want):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def ready(app: object) -> None:
-    reg = app.state.gateway.registry  # type: ignore[attr-defined]
-    wait_for(lambda: all(r.routable for v in reg.all_versions() for r in v.replicas.values()))
 
 
 def test_header_pins_version_and_response_names_it():
@@ -160,9 +137,10 @@ def test_ejection_and_readmission_follow_state():
 
 def test_connection_refused_ejects_replica():
     good = FakeReplica("good")
-    dead = ServerThread(FakeReplica("dead").app())
-    with dead:
-        dead_url = dead.url
+    # a port bound but not listening refuses connections, and stays ours meanwhile
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     # round-robin, so the dead replica is tried; no polls after the first, so only
     # the proxy's connection error can eject it
     with running(good) as (sg,):
@@ -179,6 +157,7 @@ def test_connection_refused_ejects_replica():
                 assert r.status_code == 200
             assert not info.routable
             assert info.last_error.startswith("connect:")
+    closed.close()
 
 
 def test_streams_reuse_upstream_connections():
@@ -228,6 +207,8 @@ def test_queue_full_is_429():
             wait_for(lambda: metric(c, "lmfleet_gateway_queue_depth", model="m") == 1)
             r = c.post("/v1/completions", json={"model": "m", "prompt": "x"})
             assert r.status_code == 429 and "retry-after" in r.headers
+            assert r.json()["error"]["code"] == "queue_full"
+            assert r.headers["x-lmfleet-version"] == "v1"  # errors name the version too
             hold.set()
             assert all(f.result().status_code == 200 for f in first)
 
@@ -240,9 +221,8 @@ def test_scale_from_zero_waits_for_a_ready_replica():
         ThreadPoolExecutor(1) as pool,
     ):
         fut = pool.submit(c.post, "/v1/completions", json={"model": "m", "prompt": "x"})
-        time.sleep(0.4)
-        assert not fut.done()
-        assert metric(c, "lmfleet_gateway_queue_depth", model="m") == 1
+        wait_for(lambda: metric(c, "lmfleet_gateway_queue_depth", model="m") == 1)
+        assert not fut.done()  # waiting in the queue: no replica is ready
         a.state = "ready"
         r = fut.result(timeout=10)
         assert r.status_code == 200 and r.headers["x-lmfleet-version"] == "v1"
@@ -373,3 +353,31 @@ def test_shadow_traffic_is_mirrored_and_discarded():
             ab = c.get("/admin/ab/m").json()
             assert ab["versions"]["v2"]["requests"] == 6
             assert ab["versions"]["v1"]["requests"] == 6
+
+
+def test_shadow_copies_only_use_spare_capacity():
+    """The shadow version serves its own traffic too. Copies of the primary's
+    requests used to take its replica's slots without a queue slot, and its own
+    admitted requests then found no free replica (503). Now a copy takes a free slot
+    or is skipped (counted), and the version's own requests all succeed."""
+    a, b = FakeReplica("a", delay_s=0.05), FakeReplica("b", delay_s=0.05)
+    doc = fleet({"v1": [], "v2": []}, shadow={"version": "v2", "percent": 100},
+                queue={"max_inflight_per_replica": 1, "max_wait_s": 30})  # fmt: skip
+    with running(a, b) as (sa, sb):
+        doc["models"][0]["versions"][0]["replicas"] = [sa.url]
+        doc["models"][0]["versions"][1].update(replicas=[sb.url], weight=0)
+        with gateway(doc) as (c, app), ThreadPoolExecutor(16) as pool:
+            ready(app)
+
+            def one(i: int) -> int:
+                pin = {"x-lmfleet-version": "v2"} if i % 2 else {}
+                body = {"model": "m", "prompt": f"{i}", "max_tokens": 2}
+                return c.post("/v1/completions", json=body, headers=pin).status_code
+
+            codes = list(pool.map(one, range(60)))
+            assert codes == [200] * 60
+            wait_for(lambda: not app.state.proxy._shadows)
+            sent = metric(c, "lmfleet_gateway_shadow_requests_total", outcome="ok")
+            skipped = metric(c, "lmfleet_gateway_shadow_skipped_total", reason="no_capacity")
+            assert skipped >= 1 and sent + skipped == 30
+            assert metric(c, "lmfleet_gateway_shadow_requests_total", outcome="error") == 0

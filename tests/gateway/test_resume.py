@@ -6,85 +6,21 @@ official ``openai`` client works through the gateway."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.gateway.fakes import gateway_thread, wait_for
+from tests.gateway.sim_replicas import MODEL, REPLICA_KEY, SimReplica, sim_replicas
 
 pytestmark = pytest.mark.integration
-
-MODEL = "sim:gwtest"
-# fast steps (about 4 ms per token) and an instant "load"
-PROFILE = {"gwtest": {"base": "llama-8b-h100", "load_s": 0.05, "fixed_s": 0.004}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SimReplica:
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"replica-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmfleet.cli", "serve", MODEL, "--port", str(self.port),
-             "--host", "127.0.0.1", "--disable-uvicorn-access-log", "--api-key", REPLICA_KEY],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("replica did not become ready")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def close(self) -> None:
-        self.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SimReplica]]:
-    tmp = tmp_path_factory.mktemp("sim")
-    profiles = tmp / "profiles.json"
-    profiles.write_text(json.dumps(PROFILE))
-    env = {**os.environ, "LMFLEET_SIM_PROFILES": str(profiles)}
-    reps = [SimReplica(tmp, env) for _ in range(3)]
-    try:
-        for r in reps:
-            r.wait_ready()
+    with sim_replicas(tmp_path_factory.mktemp("sim"), 3) as reps:
         yield reps
-    finally:
-        for r in reps:
-            r.close()
-
-
-#: the replicas run with --api-key: generation and /tokenize need it, the gateway sends it
-REPLICA_KEY = "replica-secret"
 
 
 def _fleet(urls: list[str], **version: str) -> dict:

@@ -1,16 +1,16 @@
-"""``lmfleet gateway`` as a process: SIGHUP reloads the fleet file without dropping
-an in-flight stream; a broken file keeps the running configuration. Plus the admin
-rollout endpoints in-process."""
+"""``lmfleet gateway`` as a process: ``--port 0`` reports the bound port, SIGHUP
+reloads the fleet file without dropping an in-flight stream, a broken or non-UTF-8
+file keeps the running configuration and logs one line. Plus the admin rollout
+endpoints in-process."""
 
 from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,16 +19,14 @@ import yaml
 from tests.gateway.fakes import FakeReplica, ServerThread, fleet, gateway_thread, wait_for
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _version_of(c: httpx.Client) -> str:
     return c.post("/v1/completions", json={"model": "m", "prompt": "x"}).headers[
         "x-lmfleet-version"
     ]
+
+
+def _log_has(log: Path, text: str) -> bool:
+    return text in log.read_text(errors="replace")
 
 
 @pytest.mark.integration
@@ -39,23 +37,23 @@ def test_sighup_reloads_without_dropping_a_stream(tmp_path):
         doc["models"][0]["versions"][1]["weight"] = 0
         path = tmp_path / "fleet.yaml"
         path.write_text(yaml.safe_dump(doc))
-        port = _port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lmfleet.cli", "gateway", "--config", str(path),
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        port_file, log = tmp_path / "gateway.port", tmp_path / "gateway.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lmfleet.cli", "gateway", "--config", str(path),
+                 "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+                stdout=subprocess.PIPE, stderr=err,
+            )  # fmt: skip
         try:
+            wait_for(lambda: port_file.exists() or proc.poll() is not None, 30)
+            port = int(port_file.read_text())
+            assert proc.stdout is not None
+            assert proc.stdout.readline().decode().strip() == (
+                f"lmfleet gateway: listening on http://127.0.0.1:{port}"
+            )
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as c, \
                     ThreadPoolExecutor(1) as pool:  # fmt: skip
-
-                def up() -> bool:
-                    try:
-                        return c.get("/health/ready").status_code == 200
-                    except httpx.HTTPError:
-                        return False
-
-                wait_for(up, 30)
+                wait_for(lambda: c.get("/health/ready").status_code == 200, 30)
                 assert _version_of(c) == "v1"
 
                 def stream() -> str:
@@ -75,18 +73,25 @@ def test_sighup_reloads_without_dropping_a_stream(tmp_path):
                 proc.send_signal(signal.SIGHUP)
                 wait_for(lambda: _version_of(c) == "v2", 10)
                 assert fut.result(timeout=20) == "".join(f" w{i}" for i in range(40))
-                # a broken file: logged, the running configuration stays
+                assert _log_has(log, "SIGHUP: reloaded")
+                # a file that does not validate: logged by path, the configuration stays
                 path.write_text("models: [{name: m, versions: [{name: v1, weight: -3}]}]")
                 proc.send_signal(signal.SIGHUP)
-                time.sleep(0.5)
+                wait_for(lambda: _log_has(log, "models[0].versions[0].weight: must be ≥ 0"), 10)
+                assert _version_of(c) == "v2"
+                # a file that is not UTF-8: one line, no traceback
+                path.write_bytes(b"models:\n  - name: \xff\n")
+                proc.send_signal(signal.SIGHUP)
+                wait_for(lambda: _log_has(log, "is not UTF-8 text"), 10)
                 assert _version_of(c) == "v2"
                 assert proc.poll() is None
         finally:
             proc.terminate()
-            _, err = proc.communicate(timeout=20)
-        text = err.decode()
-        assert "SIGHUP: reloaded" in text
-        assert "models[0].versions[0].weight: must be ≥ 0" in text
+            proc.communicate(timeout=20)
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text
+        lines = [line for line in text.splitlines() if "SIGHUP: keeping" in line]
+        assert len(lines) == 2 and "byte 0xff at offset 18" in lines[1]
 
 
 def test_rollout_admin_api_advances_and_rolls_back():
@@ -95,7 +100,7 @@ def test_rollout_admin_api_advances_and_rolls_back():
         doc = fleet({"v1": [sa.url], "v2": [sb.url]}, rollout={
             "baseline": "v1", "candidate": "v2", "min_samples_for_judgement": 1,
             "steps": [{"weight": 10, "min_requests": 0, "min_duration_s": 0},
-                      {"weight": 100, "min_requests": 0, "min_duration_s": 0}],
+                      {"weight": 50, "min_requests": 10**6, "min_duration_s": 0}],
         })  # fmt: skip
         server, app = gateway_thread(doc)
         with server, httpx.Client(base_url=server.url, timeout=20) as c:
@@ -106,19 +111,21 @@ def test_rollout_admin_api_advances_and_rolls_back():
             assert r.json()["candidate_weight"] == 10
             weights = c.get("/admin/replicas").json()["m"]
             assert (weights["v1"]["weight"], weights["v2"]["weight"]) == (90, 10)
-            for v in ("v1", "v2"):  # samples for both sides, so the SLOs can be judged
-                for _ in range(2):
-                    c.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True},
-                           headers={"x-lmfleet-version": v})  # fmt: skip
-            runner = app.state.rollouts
-            runner.evaluate_once()
+            # split traffic until the step's window has a request of each version (the
+            # runner advances on its own, every second, once it has)
+            for i in range(500):
+                if c.get("/admin/rollouts/m").json()["step_index"] == 1:
+                    break
+                c.post(
+                    "/v1/completions", json={"model": "m", "prompt": f"{i}", "stream": i % 2 == 1}
+                )
+            wait_for(lambda: c.get("/admin/rollouts/m").json()["step_index"] == 1, 10)
             status = c.get("/admin/rollouts/m").json()
-            assert status["step_index"] == 1 or status["status"] != "running", status
+            assert status["candidate_weight"] == 50 and status["history"][0]["action"] == "advance"
             r = c.post("/admin/rollouts/m/rollback", json={"reason": "test"})
             assert r.status_code == 200
             final = r.json()
-            if final["status"] == "rolled_back":
-                assert c.get("/admin/replicas").json()["m"]["v2"]["weight"] == 0
-            assert final["history"]
+            assert final["status"] == "rolled_back" and final["history"][-1]["action"] == "rollback"
+            assert c.get("/admin/replicas").json()["m"]["v2"]["weight"] == 0
             ab = c.get("/admin/ab/m").json()
             assert ab["baseline"] == "v1" and "v2" in ab["comparisons"]

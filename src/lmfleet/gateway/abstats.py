@@ -17,7 +17,16 @@ Methods (no scipy; everything below is implemented here with ``math`` and numpy)
   Newcombe's hybrid score interval (his method 10, built from two Wilson intervals)
   for the difference ``rate_b - rate_a``. Unlike the Wald interval it stays inside
   [-1, 1] and behaves with zero errors on a side, the usual case for a good version.
-- Percentiles p50/p90/p99: numpy's linear interpolation.
+- Percentiles p50/p90/p99: numpy's linear interpolation. Their confidence interval
+  (:func:`quantile_interval`) is distribution-free: a pair of order statistics whose
+  ranks cover the quantile's with the binomial probability asked for (normal
+  approximation of the binomial, with a continuity margin of one rank). The ratio of
+  two versions' quantiles (:func:`quantile_ratio_interval`) combines the two
+  intervals, each at ``1 - (1 - confidence) / 2`` (Bonferroni), so the ratio's
+  interval covers the true ratio with at least ``confidence``.
+- Samples with no variance on either side get no t-test (p-value and interval are
+  None): a zero-width interval and p = 0 from constant samples would claim a
+  certainty the data cannot give.
 
 Memory is bounded: each metric keeps the last ``capacity`` values (10,000 by
 default) in a ring buffer; the request and error counters are cumulative.
@@ -241,14 +250,53 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> M
     va = float(np.var(np.asarray(a, float), ddof=1)) / na
     vb = float(np.var(np.asarray(b, float), ddof=1)) / nb
     se = math.sqrt(va + vb)
-    if se == 0.0:  # both constant: the difference is exact
-        p = 1.0 if diff == 0 else 0.0
-        return MeanComparison(na, nb, mean_a, mean_b, diff, rel, diff, diff, p, None, None)
+    if se == 0.0:
+        # both sides constant: no variance to test against. A p-value of 0 and a
+        # zero-width interval would claim certainty from as few as two samples per
+        # side (a coarse timer, scores that are all 1); report no test instead
+        return MeanComparison(na, nb, mean_a, mean_b, diff, rel, None, None, None, None, None)
     df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
     t = diff / se
     p = 2.0 * student_t_sf(abs(t), df)
     half = student_t_ppf(0.5 + confidence / 2.0, df) * se
     return MeanComparison(na, nb, mean_a, mean_b, diff, rel, diff - half, diff + half, p, t, df)
+
+
+def quantile_interval(
+    values: Sequence[float], q: float, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """A distribution-free interval for the ``q``-quantile (0 < q < 1) of the
+    distribution ``values`` were drawn from: the order statistics whose ranks bracket
+    ``n q`` by ``z sqrt(n q (1 - q))`` plus one rank. None with fewer than 2 values."""
+    _check_confidence(confidence)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    n = len(values)
+    if n < 2:
+        return None
+    ordered = sorted(values)
+    z = _NORMAL.inv_cdf(0.5 + confidence / 2.0)
+    half = z * math.sqrt(n * q * (1.0 - q)) + 1.0
+    lo = max(0, math.floor(n * q - half))
+    hi = min(n - 1, math.ceil(n * q + half) - 1)
+    return float(ordered[lo]), float(ordered[hi])
+
+
+def quantile_ratio_interval(
+    a: Sequence[float], b: Sequence[float], q: float, confidence: float = 0.95
+) -> tuple[float, float, float] | None:
+    """(point, low, high) for quantile_q(b) / quantile_q(a), the interval covering
+    the true ratio with at least ``confidence``. None with fewer than 2 values on a
+    side or a quantile of ``a`` that is not positive (latencies are)."""
+    each = 1.0 - (1.0 - confidence) / 2.0
+    ia, ib = quantile_interval(a, q, each), quantile_interval(b, q, each)
+    if ia is None or ib is None:
+        return None
+    qa = float(np.percentile(np.asarray(a, float), q * 100.0))
+    qb = float(np.percentile(np.asarray(b, float), q * 100.0))
+    if qa <= 0.0 or ia[0] <= 0.0:
+        return None
+    return qb / qa, ib[0] / ia[1], ib[1] / ia[0]
 
 
 def two_proportions(

@@ -9,8 +9,10 @@ each relayed chunk costs one ``send``). Everything else is ordinary FastAPI:
 - ``GET /health`` (200 while the process runs), ``GET /health/ready`` (200 when every
   model has a routable replica), ``GET /metrics`` (Prometheus);
 - admin (``Authorization: Bearer <admin token>``): ``GET /admin/config``,
-  ``GET /admin/replicas``, ``PATCH /admin/models/{m}/versions/{v}`` (weight),
-  ``POST|DELETE /admin/models/{m}/versions/{v}/replicas`` (add or remove a replica),
+  ``GET /admin/replicas``, ``PATCH /admin/models/{m}/versions/{v}`` (weight; 409
+  while a rollout owns it), ``POST /admin/models/{m}/versions/{v}/replicas`` (add a
+  replica), ``DELETE /admin/models/{m}/versions/{v}/replicas/{id}`` (remove one; the
+  older ``DELETE .../replicas`` with ``{"url"}`` in the body still works, deprecated),
   ``POST /admin/reload``, ``GET /admin/ab/{m}``, and the rollouts:
   ``POST /admin/rollouts/{m}`` (start), ``GET /admin/rollouts/{m}`` (status and
   history), ``POST /admin/rollouts/{m}/rollback``.
@@ -25,19 +27,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import Receive, Scope, Send
 
 from lmfleet import __version__
 from lmfleet.errors import ConfigError
 from lmfleet.gateway import abstats, errors
-from lmfleet.gateway.config import FleetConfig, RolloutConfig, load_config
+from lmfleet.gateway.config import FleetConfig, RolloutConfig, check_replica_url, load_config
 from lmfleet.gateway.errors import GatewayError
 from lmfleet.gateway.metrics import CONTENT_TYPE
 from lmfleet.gateway.proxy import CHAT_PATH, COMPLETIONS_PATH, Proxy
-from lmfleet.gateway.registry import UnknownTarget
-from lmfleet.gateway.rollout_runner import RolloutRunner, plan_from_config
-from lmfleet.gateway.state import GatewayState
+from lmfleet.gateway.registry import UnknownTarget, replica_id_of
+from lmfleet.gateway.rollout_runner import RolloutConflict, RolloutRunner, plan_from_config
+from lmfleet.gateway.state import FeedbackExists, GatewayState
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +49,44 @@ class _Body(BaseModel):
 
 
 class WeightPatch(_Body):
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, allow_inf_nan=False, strict=True)
 
 
 class ReplicaBody(_Body):
     url: str
 
+    @field_validator("url", mode="before")
+    @classmethod
+    def _routable(cls, v: object) -> str:
+        return check_replica_url(v)
+
 
 class Feedback(_Body):
-    id: str
-    score: float
+    id: str = Field(min_length=1)
+    #: a number (int or float, not a string, not NaN or Infinity)
+    score: float = Field(allow_inf_nan=False, strict=True)
 
 
 class RollbackBody(_Body):
     reason: str = "rolled back through the admin API"
+
+
+def one_line(message: str) -> str:
+    """A multi-line error (``f is invalid:`` and one line per field) as one line."""
+    head, *rest = [part.strip() for part in message.splitlines() if part.strip()] or [""]
+    return " ".join([head, "; ".join(rest)]) if rest else head
+
+
+def reload_config(state: GatewayState, runner: RolloutRunner) -> FleetConfig:
+    """Re-read the fleet file and apply it (admin API and SIGHUP). :class:`ConfigError`
+    for a file that cannot be read or does not validate: the running configuration
+    stays."""
+    if state.config_path is None:
+        raise GatewayError(409, "the gateway was not started from a file", code="no_file")
+    config = load_config(state.config_path)
+    state.apply_config(config)
+    runner.save()  # a changed file weight may have replaced a run-time weight
+    return config
 
 
 def _state(request: Request) -> GatewayState:
@@ -74,6 +100,10 @@ async def require_admin(request: Request) -> None:
 
 def _not_found(exc: UnknownTarget) -> GatewayError:
     return GatewayError(404, f"no {exc.args[0]}", code="not_found")
+
+
+def _conflict(exc: RolloutConflict) -> GatewayError:
+    return GatewayError(409, str(exc), code="rollout_running", type="conflict_error")
 
 
 def _redacted(config: FleetConfig) -> dict[str, Any]:
@@ -131,11 +161,15 @@ def _public_router() -> APIRouter:
     async def feedback(body: Feedback, request: Request) -> dict[str, Any]:
         state = _state(request)
         state.auth.authenticate(request.headers)
-        target = state.version_of_response(body.id)
+        try:
+            target = state.record_feedback(body.id, body.score)
+        except FeedbackExists:
+            raise GatewayError(409, f"response {body.id!r} already has a score; one score per "
+                               "response (the first stands)", param="id",
+                               code="feedback_exists", type="conflict_error") from None  # fmt: skip
         if target is None:
             raise GatewayError(404, f"unknown response id {body.id!r} (too old, or not "
                                "served by this gateway)", param="id", code="not_found")  # fmt: skip
-        state.version_samples(*target).record_feedback(body.score)
         return {"model": target[0], "version": target[1], "recorded": True}
 
     return r
@@ -157,10 +191,16 @@ def _admin_router() -> APIRouter:
     async def patch_version(model: str, version: str, body: WeightPatch,
                             request: Request) -> dict[str, Any]:  # fmt: skip
         reg = _state(request).registry
+        runner: RolloutRunner = request.app.state.rollouts
         try:
+            reg.version(model, version)
+            runner.check_weights_free(model)
             reg.set_weight(model, version, body.weight)
         except UnknownTarget as exc:
             raise _not_found(exc) from None
+        except RolloutConflict as exc:
+            raise _conflict(exc) from None
+        runner.save()
         logger.info("weight of %s/%s set to %g", model, version, body.weight)
         return {
             "model": model,
@@ -177,21 +217,43 @@ def _admin_router() -> APIRouter:
             raise _not_found(exc) from None
         return info.snapshot()
 
-    @r.delete("/models/{model}/versions/{version}/replicas")
-    async def remove_replica(model: str, version: str, body: ReplicaBody,
+    @r.delete("/models/{model}/versions/{version}/replicas/{replica_id}")
+    async def remove_replica(model: str, version: str, replica_id: str,
                              request: Request) -> dict[str, Any]:  # fmt: skip
+        reg = _state(request).registry
         try:
-            _state(request).registry.remove_replica(model, version, body.url)
+            info = reg.replica_by_id(model, version, replica_id)
+            reg.remove_replica(model, version, info.url)
         except UnknownTarget as exc:
             raise _not_found(exc) from None
-        return {"removed": body.url}
+        return {"removed": info.url, "id": info.id}
+
+    @r.delete("/models/{model}/versions/{version}/replicas", deprecated=True)
+    async def remove_replica_by_body(model: str, version: str, body: ReplicaBody,
+                                     request: Request, response: Response) -> dict[str, Any]:  # fmt: skip
+        """Deprecated: some clients and proxies drop a DELETE's body; use the id path."""
+        if not getattr(request.app.state, "warned_delete_body", False):
+            request.app.state.warned_delete_body = True  # once per process, not per call
+            logger.warning("DELETE .../replicas with the URL in the body is deprecated; use "
+                           "DELETE .../replicas/{id} (the id is in GET /admin/replicas)")  # fmt: skip
+        response.headers["Deprecation"] = "true"
+        try:
+            info = _state(request).registry.replica_by_id(model, version,
+                                                          replica_id_of(body.url))  # fmt: skip
+            _state(request).registry.remove_replica(model, version, info.url)
+        except UnknownTarget as exc:
+            raise _not_found(exc) from None
+        return {"removed": info.url, "id": info.id}
 
     @r.post("/reload")
     async def reload(request: Request) -> dict[str, Any]:
         state = _state(request)
-        if state.config_path is None:
-            raise GatewayError(409, "the gateway was not started from a file", code="no_file")
-        state.apply_config(load_config(state.config_path))
+        try:
+            reload_config(state, request.app.state.rollouts)
+        except ConfigError as exc:
+            logger.error("reload: keeping the running configuration: %s", one_line(str(exc)))
+            raise GatewayError(400, f"{exc} (the running configuration stays)",
+                               code="invalid_config") from None  # fmt: skip
         return {"reloaded": state.config_path, "models": list(state.registry.models)}
 
     @r.get("/ab/{model}")
@@ -222,7 +284,10 @@ def _admin_router() -> APIRouter:
         if cfg is None:
             raise GatewayError(400, f"model {model!r} has no rollout in the fleet file; send "
                                "one in the body", code="no_rollout")  # fmt: skip
-        runner.start_rollout(model, plan_from_config(cfg))
+        try:
+            runner.start_rollout(model, plan_from_config(cfg))
+        except RolloutConflict as exc:
+            raise _conflict(exc) from None
         return runner.status(model)
 
     @r.get("/rollouts/{model}")

@@ -13,16 +13,47 @@ removes replicas at run time (the autoscaler does), without touching this file.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmfleet.errors import ConfigError
 
 BALANCERS = ("round_robin", "least_outstanding", "prefix_affinity", "kv_aware")
+
+
+def check_replica_url(url: object) -> str:
+    """A replica's base URL, without its trailing ``/``; ``ValueError`` saying what is
+    wrong (scheme, host, port) otherwise. The fleet file and the admin API share it,
+    so no entry that can never be routed gets in."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("give the replica's base URL, e.g. http://10.0.0.5:8000")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port out of 0..65535, or not a number
+        raise ValueError(f"{url!r}: {exc}; a port is 1..65535") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host (e.g. http://10.0.0.5:8000)")
+    if port == 0:
+        raise ValueError(f"{url!r}: port 0 cannot be connected to; a port is 1..65535")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a base URL has no query or fragment")
+    return url.rstrip("/")
+
+
+def check_weight(weight: float) -> float:
+    """A traffic weight: finite and ≥ 0 (``ValueError`` otherwise)."""
+    if isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"must be a finite number ≥ 0, got {weight}")
+    return float(weight)
 
 
 class _Section(BaseModel):
@@ -82,6 +113,8 @@ class VersionConfig(_Section):
     @field_validator("weight")
     @classmethod
     def _non_negative(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number ≥ 0, got {v}")
         if v < 0:
             raise ValueError("must be ≥ 0")
         return v
@@ -89,10 +122,7 @@ class VersionConfig(_Section):
     @field_validator("replicas")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"replica URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        return [check_replica_url(u) for u in urls]
 
 
 class RolloutStepConfig(_Section):
@@ -115,8 +145,25 @@ class RolloutConfig(_Section):
     max_error_rate_increase: float = Field(0.01, ge=0)
     max_ttft_p90_ratio: float = Field(1.5, gt=0)
     max_tpot_p90_ratio: float = Field(1.5, gt=0)
+    #: end-to-end latency, the one figure every answer has (streamed or not)
+    max_e2e_p90_ratio: float = Field(1.5, gt=0)
     min_samples_for_judgement: int = Field(100, ge=1)
+    #: of the intervals a step is judged on (see ``lmfleet.gateway.rollout``)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
     start: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _baseline_first(cls, steps: list[RolloutStepConfig]) -> list[RolloutStepConfig]:
+        if steps and steps[0].weight >= 100:
+            raise ValueError(
+                "the first step must stay below 100 so that the baseline takes traffic to "
+                "judge the candidate against (e.g. weights 5, 25, 50, 100)"
+            )
+        for i in range(1, len(steps)):
+            if steps[i].weight < steps[i - 1].weight:
+                raise ValueError(f"steps[{i}].weight is below the previous step's")
+        return steps
 
 
 class ModelConfig(_Section):
@@ -289,11 +336,20 @@ def load_config(path: str | Path) -> FleetConfig:
 
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the fleet config {p}: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is nested too deeply to be a fleet file") from None
     return parse_config(data, source=str(p))

@@ -50,11 +50,15 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+#: error codes of the admission queue's reasons
+_QUEUE_CODES = {"queue_full": "queue_full", "timeout": "queue_timeout", "shed": "queue_shed"}
+
+
 def from_queue(exc: QueueRejected) -> GatewayError:
     """Queue full or shed → 429; waited ``max_wait_s`` without a slot → 503."""
     status = 503 if exc.reason == "timeout" else 429
     return GatewayError(
-        status, str(exc), code=f"queue_{exc.reason}", headers=retry_after(exc.retry_after_s)
+        status, str(exc), code=_QUEUE_CODES[exc.reason], headers=retry_after(exc.retry_after_s)
     )
 
 
@@ -105,7 +109,10 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [p for p in first.get("loc", ()) if p != "body"]
         where = ".".join(str(p) for p in loc) or None
-        msg = f"Invalid value for '{where}': {first.get('msg')}" if where else "invalid body"
+        detail = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        if first.get("type") == "finite_number":
+            detail = "must be a finite number (not NaN or Infinity)"
+        msg = f"Invalid value for '{where}': {detail}" if where else f"Invalid body: {detail}"
         return GatewayError(400, msg, param=where, code="invalid_value").response()
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -125,6 +125,11 @@ class GatewayMetrics:
             f"{PREFIX}_shadow_requests", "copies sent to a shadow version, by outcome",
             (*LABELS, "outcome"), registry=r,
         )  # fmt: skip
+        self.shadow_skipped = Counter(
+            f"{PREFIX}_shadow_skipped", "shadow copies not sent, by reason (no_capacity: no "
+            "free slot on the shadow version; max_inflight: shadow.max_inflight reached)",
+            (*LABELS, "reason"), registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             f"{PREFIX}_rejected", "requests refused before routing, by reason",
             ("reason",), registry=r,

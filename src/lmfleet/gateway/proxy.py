@@ -10,10 +10,14 @@ passes through here. One request:
    version;
 4. wait for a slot in the version's admission queue (429 when full, 503 after
    ``max_wait_s``: also what happens while no replica is ready, i.e. scale from zero);
-5. pick a replica with the version's balancer and send; a connection error, a
-   timeout before the first byte or a 503/429 answer is retried on another replica
-   while the retry budget allows (a non-streaming request counts as "before the
-   first byte" until its answer is complete);
+5. pick a replica with the version's balancer and send. Only what is safe is tried
+   again on another replica, while the retry budget allows: a connection that could
+   not be opened or broke before the answer was complete, no response headers
+   within ``first_byte_s`` (streamed or not), and a 429 or 503 "not now" answer
+   (drain, backpressure). An answer saying the replica broke while serving the
+   request (503 ``engine_dead``) marks the replica dead and fails the request
+   without trying another replica: the request may be what broke it. Other 5xx
+   answers are relayed as they came;
 6. relay the answer with ``x-lmfleet-version``; a stream whose replica dies
    mid-way (connection lost, or silent for ``idle_s``) continues on another replica
    of the same version (:mod:`lmfleet.gateway.resume`), and the client sees one
@@ -36,6 +40,16 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from lmfleet.gateway import resume
+from lmfleet.gateway.answers import (
+    ADMITTED_HEADER,
+    BROKE_CODES,
+    EARLY_HEADERS,
+    JSON_ONLY,
+    RETRY_STATUSES,
+    error_code,
+    is_json,
+    late_status,
+)
 from lmfleet.gateway.auth import ClientKey
 from lmfleet.gateway.errors import (
     GatewayError,
@@ -49,6 +63,7 @@ from lmfleet.gateway.policies.admission import QueueRejected
 from lmfleet.gateway.policies.balance import RouteRequest, prefix_hashes
 from lmfleet.gateway.policies.split import VersionWeight, choose_version
 from lmfleet.gateway.registry import ModelEntry, ReplicaInfo, VersionEntry
+from lmfleet.gateway.rollout import StepWindow
 from lmfleet.gateway.sse import StreamTracker
 from lmfleet.gateway.state import GatewayState
 from lmfleet.gateway.upstream import ConnectFailed, UpstreamError, UpstreamResponse
@@ -58,8 +73,6 @@ logger = logging.getLogger(__name__)
 VERSION_HEADER = "x-lmfleet-version"
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-#: replica answers worth trying elsewhere
-_RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _PREFIX_POLICIES = frozenset({"prefix_affinity", "kv_aware"})
 #: seconds to wait, after ``[DONE]``, for the end of the replica's response
 _FINISH_S = 1.0
@@ -85,6 +98,13 @@ class Call:
     t0: float
     route: RouteRequest
     priority: int = 0
+    #: how the version was chosen: "split" (the weights), "pinned" (the header) or
+    #: "shadow" (a copy); only split requests feed a rollout's window
+    source: str = "split"
+    #: the rollout window of the step this request started in, if it feeds one
+    window: StepWindow | None = None
+    #: perf_counter time by which a non-streaming answer must be complete
+    deadline: float | None = None
     attempts: int = 0
     tried: set[str] = field(default_factory=set)
     replica: ReplicaInfo | None = None
@@ -108,6 +128,15 @@ class _Passthrough(GatewayError):
 
     def body_bytes(self) -> bytes:
         return self.raw
+
+
+class _TryElsewhere(Exception):
+    """This try failed in a way that is safe to try on another replica; ``err`` is
+    what the client gets if no other try succeeds."""
+
+    def __init__(self, err: GatewayError) -> None:
+        super().__init__(err.message)
+        self.err = err
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -146,6 +175,8 @@ class Proxy:
             if scope["method"] != "POST":
                 raise GatewayError(405, f"{scope['method']} {scope['path']}: use POST")
             key = self.state.auth.authenticate(headers)
+            if not is_json(headers.get("content-type", "")):
+                raise GatewayError(400, JSON_ONLY, code="invalid_json")
             body = await self._read_body(scope, receive, headers)
             call = self._prepare(scope["path"], rid, body, headers, key, t0)
             self._maybe_shadow(call, headers)
@@ -166,7 +197,10 @@ class Proxy:
             else:
                 self.state.metrics.rejected.labels(err.code or str(err.status)).inc()
             if call is None or not call.responded:
-                await send_error(send, err, {"x-request-id": rid})
+                extra = {"x-request-id": rid}
+                if call is not None:
+                    extra[VERSION_HEADER] = call.version.name
+                await send_error(send, err, extra)
 
     # ---- request preparation --------------------------------------------------------------
     async def _read_body(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> bytes:
@@ -202,8 +236,13 @@ class Proxy:
             raise GatewayError(
                 400, f"The request body is not valid JSON: {exc}", code="invalid_json"
             ) from None
+        except RecursionError:
+            raise GatewayError(
+                400, "The request body is not valid JSON: it is nested too deeply",
+                code="invalid_json",
+            ) from None  # fmt: skip
         if not isinstance(payload, dict):
-            raise GatewayError(400, "The request body must be a JSON object", code="invalid_json")
+            raise GatewayError(400, JSON_ONLY, code="invalid_json")
         name = payload.get("model")
         if not isinstance(name, str):
             raise GatewayError(
@@ -217,7 +256,7 @@ class Proxy:
                 404, f"The model '{name}' does not exist; this gateway serves: {known}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        version = self._choose_version(model, payload, headers)
+        version, source = self._choose_version(model, payload, headers)
         chat = path == CHAT_PATH
         stream = bool(payload.get("stream"))
         policy = model.config.balancing.policy
@@ -226,15 +265,18 @@ class Proxy:
         call = Call(
             rid=rid, path=path, chat=chat, payload=payload, model=model, version=version,
             stream=stream, key=key, t0=t0, route=RouteRequest(hashes),
-            priority=priority if isinstance(priority, int) else 0,
+            priority=priority if isinstance(priority, int) else 0, source=source,
         )  # fmt: skip
+        window = self.state.windows.get(name) if source == "split" else None
+        if window is not None and window.samples_for(version.name) is not None:
+            call.window = window
         if self.state.config.gateway.log_prompts:
             logger.info("request %s prompt: %r", rid, _prompt_text(payload, chat)[:2000])
         return call
 
     def _choose_version(
         self, model: ModelEntry, payload: dict[str, Any], headers: dict[str, str]
-    ) -> VersionEntry:
+    ) -> tuple[VersionEntry, str]:
         pin = headers.get(VERSION_HEADER)
         if pin:
             v = model.versions.get(pin)
@@ -245,14 +287,14 @@ class Proxy:
                     f"versions: {', '.join(model.versions)}",
                     param=VERSION_HEADER, code="unknown_version",
                 )  # fmt: skip
-            return v
+            return v, "pinned"
         sticky = model.config.stickiness
         key = headers.get(sticky.header.lower()) if sticky.header else None
         if key is None and sticky.by_user and isinstance(payload.get("user"), str):
             key = payload["user"]
         weights = [VersionWeight(v.name, v.weight) for v in model.versions.values()]
         try:
-            return model.versions[choose_version(weights, key, self.state.rng)]
+            return model.versions[choose_version(weights, key, self.state.rng)], "split"
         except ValueError as exc:
             raise GatewayError(503, f"no version takes traffic: {exc}", code="no_version") from None
 
@@ -265,7 +307,13 @@ class Proxy:
             opts = payload.get("stream_options") or {}
             if isinstance(opts, dict) and not opts.get("include_usage"):
                 changes["stream_options"] = {**opts, "include_usage": True}
-        return json.dumps({**payload, **changes} if changes else payload).encode()
+        try:
+            return json.dumps({**payload, **changes} if changes else payload).encode()
+        except RecursionError:
+            raise GatewayError(
+                400, "The request body is not valid JSON: it is nested too deeply",
+                code="invalid_json",
+            ) from None  # fmt: skip
 
     async def _admit(self, call: Call) -> None:
         queue = call.version.queue
@@ -295,48 +343,120 @@ class Proxy:
     async def _attempt(
         self, call: Call, replica: ReplicaInfo, path: str, body: bytes
     ) -> UpstreamResponse:
-        """One try; raises :class:`GatewayError` when another replica should try. The
-        body of a non-streaming answer (and of an error answer) is read into
-        ``content``."""
+        """One try. Returns a response whose head has arrived (for a non-streaming
+        request and for an error answer, with the whole body in ``content``); raises
+        :class:`_TryElsewhere` when another replica may try, or the
+        :class:`GatewayError` the client gets."""
         t = self.state.config.gateway.timeouts
+        head_s = t.first_byte_s
+        if call.deadline is not None:
+            head_s = min(head_s, call.deadline - time.perf_counter())
+            if head_s <= 0:
+                raise self._total_timeout()
         resp: UpstreamResponse | None = None
+        headers = [("content-type", "application/json"), ("x-request-id", call.rid),
+                   *call.version.upstream_headers]  # fmt: skip
+        if not call.stream:
+            headers.append((EARLY_HEADERS, "1"))
         try:
-            async with asyncio.timeout(t.first_byte_s if call.stream else t.total_s):
+            async with asyncio.timeout(head_s):
                 resp = await self.state.upstream.request(
-                    replica.url, path, body,
-                    [("content-type", "application/json"), ("x-request-id", call.rid),
-                     *call.version.upstream_headers],
-                    connect_timeout=t.connect_s, head_timeout=None,
+                    replica.url, path, body, headers, connect_timeout=t.connect_s,
+                    head_timeout=None,
                 )  # fmt: skip
-                if not call.stream or resp.status in _RETRY_STATUSES:
-                    resp.content = await resp.read()
         except ConnectFailed as exc:  # refused or unreachable: the replica is gone
             self.state.registry.eject(replica, f"connect: {exc}")
-            raise GatewayError(
+            raise _TryElsewhere(GatewayError(
                 502, "replica unreachable (connect failed)", code="upstream_unreachable"
-            ) from None
-        except (UpstreamError, TimeoutError) as exc:
-            # a timeout means a busy replica, a dropped connection may be a stale pooled
-            # one: try elsewhere, and leave ejection to the next poll
-            if resp is not None:
-                resp.close()
-            kind = "timeout" if isinstance(exc, TimeoutError) else "error"
-            raise GatewayError(
-                504 if kind == "timeout" else 502,
-                f"replica {kind} before the answer ({type(exc).__name__})",
-                code=f"upstream_{kind}",
-            ) from None
+            )) from None  # fmt: skip
+        except TimeoutError:
+            if head_s < t.first_byte_s:
+                raise self._total_timeout() from None
+            # a hung or very busy replica: try elsewhere; ejection is the polls' call
+            raise _TryElsewhere(GatewayError(
+                504, f"no response headers from the replica within first_byte_s "
+                f"({t.first_byte_s:g} s)", code="upstream_timeout",
+            )) from None  # fmt: skip
+        except UpstreamError as exc:  # broke before any answer (or a stale pooled one)
+            raise _TryElsewhere(GatewayError(
+                502, f"replica error before the answer ({type(exc).__name__})",
+                code="upstream_error",
+            )) from None  # fmt: skip
+        try:
+            if not call.stream or resp.status != 200:
+                await self._read_answer(call, resp)
+            return self._judge_answer(call, replica, resp)
         except BaseException:
-            if resp is not None:
-                resp.close()
-            raise
-        if resp.status in _RETRY_STATUSES:
             resp.close()
-            if resp.status == 503:
+            raise
+
+    def _total_timeout(self) -> GatewayError:
+        total = self.state.config.gateway.timeouts.total_s
+        return GatewayError(504, f"no complete answer within total_s ({total:g} s)",
+                            code="upstream_timeout")  # fmt: skip
+
+    async def _read_answer(self, call: Call, resp: UpstreamResponse) -> None:
+        """The whole body into ``resp.content``: within the request's deadline, and
+        with no silence over ``idle_s`` once the replica sent early headers (it
+        then sends a whitespace heartbeat while it generates)."""
+        t = self.state.config.gateway.timeouts
+        idle = t.idle_s if resp.headers.get(EARLY_HEADERS) else None
+        left = t.total_s if call.deadline is None else call.deadline - time.perf_counter()
+        parts: list[bytes] = []
+        try:
+            async with asyncio.timeout(max(left, 0.0)) as scope:
+                while (chunk := await resp.next_chunk(idle)) is not None:
+                    parts.append(chunk)
+        except TimeoutError:
+            if scope.expired():
+                raise self._total_timeout() from None
+            raise _TryElsewhere(GatewayError(
+                504, f"the replica sent its headers, then nothing for idle_s ({t.idle_s:g} s)",
+                code="upstream_timeout",
+            )) from None  # fmt: skip
+        except UpstreamError as exc:  # it died after its headers: nothing reached the client
+            raise _TryElsewhere(GatewayError(
+                502, f"the replica's answer broke off ({type(exc).__name__})",
+                code="upstream_error",
+            )) from None  # fmt: skip
+        resp.content = b"".join(parts)
+        if resp.status == 200 and idle is not None:
+            late = late_status(resp.content)
+            if late is not None:
+                resp.status, resp.content = late
+            else:
+                resp.content = resp.content.lstrip()
+
+    def _judge_answer(
+        self, call: Call, replica: ReplicaInfo, resp: UpstreamResponse
+    ) -> UpstreamResponse:
+        """A complete answer (or a stream's head): return it, or raise what to do."""
+        status = resp.status
+        if status < 500 and status != 429:
+            return resp
+        content = resp.content or b""
+        code = error_code(content)
+        if code in BROKE_CODES:
+            self.state.registry.mark_dead(replica, f"answered {status} {code}")
+            resp.close()
+            if resp.headers.get(ADMITTED_HEADER) == "0":  # it died before this request
+                raise _TryElsewhere(_Passthrough(status, content, {}))
+            detail = content[:300].decode(errors="replace")
+            raise GatewayError(
+                502, f"the replica serving this request failed ({code}) and was taken out "
+                "of rotation; the request was not sent to another replica, since it may "
+                f"be what broke this one. The replica said: {detail}",
+                code="replica_failed", type="upstream_error",
+            )  # fmt: skip
+        if status in RETRY_STATUSES:
+            resp.close()
+            if status == 503:
                 self.state.registry.eject(replica, "answered 503 (draining or not ready)")
             keep = {k: v for k, v in resp.headers.items() if k == "retry-after"}
-            raise _Passthrough(resp.status, resp.content or b"", keep)
-        return resp
+            raise _TryElsewhere(_Passthrough(status, content, keep))
+        logger.warning("request %s: %s answered %d %s; not retried", call.rid, replica.url,
+                       status, code or "")  # fmt: skip
+        return resp  # another 5xx: the replica's answer for this request, relayed
 
     async def _send(
         self, call: Call, version: VersionEntry
@@ -345,6 +465,8 @@ class Proxy:
         stays raised on success (the caller lowers it)."""
         retries = self.state.config.gateway.retries
         body = self._upstream_body(call, version)
+        if not call.stream and call.deadline is None:
+            call.deadline = time.perf_counter() + self.state.config.gateway.timeouts.total_s
         self.state.retry_budget.note_request()
         last: GatewayError | None = None
         for attempt in range(retries.max_attempts):
@@ -362,11 +484,11 @@ class Proxy:
             replica.inflight += 1
             try:
                 resp = await self._attempt(call, replica, call.path, body)
-            except GatewayError as exc:
+            except _TryElsewhere as exc:
                 replica.inflight -= 1
-                last = exc
+                last = exc.err
                 logger.info("request %s: attempt %d on %s failed: %s %s", call.rid, attempt + 1,
-                            replica.url, exc.status, exc.code or "")  # fmt: skip
+                            replica.url, last.status, last.code or "")  # fmt: skip
                 continue
             except BaseException:
                 replica.inflight -= 1
@@ -411,24 +533,21 @@ class Proxy:
             return
         if not isinstance(obj, dict):
             return
-        usage = obj.get("usage") or {}
-        call.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        call.completion_tokens = int(usage.get("completion_tokens") or 0)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            with contextlib.suppress(TypeError, ValueError):
+                call.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                call.completion_tokens = int(usage.get("completion_tokens") or 0)
         if isinstance(obj.get("id"), str):
             self.state.remember_response(obj["id"], *call.labels)
 
     # ---- streaming ---------------------------------------------------------------------------
     async def _stream(self, call: Call, receive: Receive, send: Send) -> None:
         replica, resp = await self._send(call, call.version)
-        if resp.status != 200:  # a client error (400 ...): relay it whole
-            try:
-                body = await resp.read(self.state.config.gateway.timeouts.total_s)
-            except (UpstreamError, TimeoutError):
-                body = b""
-            finally:
-                replica.inflight -= 1
-                resp.close()
-            raise _Passthrough(resp.status, body, {})
+        if resp.status != 200:  # the replica's error answer (400 ...), read whole: relay it
+            replica.inflight -= 1
+            resp.close()
+            raise _Passthrough(resp.status, resp.content or b"", {})
         call.responded = True
         await send({
             "type": "http.response.start", "status": 200,
@@ -482,7 +601,13 @@ class Proxy:
                 replica.inflight -= 1
                 resp.close()
             if failure is None:
-                self._finish_stream(call, tracker, "ok")
+                err = tracker.upstream_error
+                if err is not None and error_code(json.dumps(err).encode()) in BROKE_CODES:
+                    self.state.registry.mark_dead(replica, "its stream reported engine_dead")
+                    self._finish_stream(call, tracker, "error_stream", error=True)
+                    return
+                self._finish_stream(call, tracker, "ok" if err is None else "error_stream",
+                                    error=err is not None)  # fmt: skip
                 return
             if tracker.finished:  # everything arrived but the closing [DONE]
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
@@ -574,18 +699,16 @@ class Proxy:
         replica.inflight += 1
         try:
             resp = await self._attempt(call, replica, COMPLETIONS_PATH, json.dumps(body).encode())
+        except _TryElsewhere as exc:
+            replica.inflight -= 1
+            raise exc.err from None
         except BaseException:
             replica.inflight -= 1
             raise
         if resp.status != 200:
             replica.inflight -= 1
-            try:
-                raw = await resp.read(self.state.config.gateway.timeouts.total_s)
-            except (UpstreamError, TimeoutError):
-                raw = b""
-            finally:
-                resp.close()
-            detail = raw[:200].decode(errors="replace")
+            resp.close()
+            detail = (resp.content or b"")[:200].decode(errors="replace")
             raise GatewayError(502, f"continuation answered {resp.status}: {detail}")
         call.replica = replica
         return replica, resp
@@ -630,15 +753,21 @@ class Proxy:
                 if call.completion_tokens > 1:
                     tpot = (e2e - ttft) / (call.completion_tokens - 1)
                     m.tpot.labels(*labels).observe(tpot)
+            elif not call.stream and call.completion_tokens > 0:
+                # a unary answer shows no first token: per output token of the whole
+                # answer (for the A/B samples and rollouts, not the TPOT histogram)
+                tpot = e2e / call.completion_tokens
         if call.prompt_tokens:
             m.tokens.labels(*labels, "prompt").inc(call.prompt_tokens)
         if call.completion_tokens:
             m.tokens.labels(*labels, "completion").inc(call.completion_tokens)
         call.key.record_tokens(call.prompt_tokens + call.completion_tokens)
         if outcome != "client_disconnect":
-            self.state.version_samples(*labels).record(
-                ttft=ttft, tpot=tpot, e2e=None if error else e2e, error=error
-            )
+            sample = {"ttft": ttft, "tpot": tpot, "e2e": None if error else e2e, "error": error}
+            self.state.version_samples(*labels).record(**sample)
+            side = call.window.samples_for(call.version.name) if call.window else None
+            if side is not None:
+                side.record(**sample)
 
     # ---- shadow traffic -----------------------------------------------------------------------
     def _maybe_shadow(self, call: Call, headers: dict[str, str]) -> None:
@@ -650,14 +779,20 @@ class Proxy:
         version = call.model.versions.get(shadow.version)
         if version is None:
             return
-        if self._shadow_inflight >= shadow.max_inflight:
+        # a copy uses spare capacity only: a free slot nobody waits for, taken now
+        skip = (
+            "max_inflight" if self._shadow_inflight >= shadow.max_inflight
+            else None if version.queue.try_admit() else "no_capacity"
+        )  # fmt: skip
+        if skip is not None:
             self.state.metrics.shadow.labels(version.model, version.name, "skipped").inc()
+            self.state.metrics.shadow_skipped.labels(version.model, version.name, skip).inc()
             return
         self._shadow_inflight += 1
         copy = Call(
             rid=call.rid + "-shadow", path=call.path, chat=call.chat, payload=call.payload,
             model=call.model, version=version, stream=call.stream, key=_SHADOW_KEY,
-            t0=time.perf_counter(), route=call.route,
+            t0=time.perf_counter(), route=call.route, source="shadow",
         )  # fmt: skip
         task = asyncio.get_running_loop().create_task(self._shadow(copy))
         self._shadows.add(task)
@@ -691,6 +826,7 @@ class Proxy:
             logger.debug("shadow copy %s failed: %s", call.rid, exc)
         finally:
             self._shadow_inflight -= 1
+            call.version.queue.release()
         self.state.metrics.shadow.labels(*labels, outcome).inc()
         self._record(call, outcome=f"shadow_{outcome}", error=outcome != "ok")
 

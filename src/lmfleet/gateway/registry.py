@@ -12,13 +12,25 @@ routable replicas, so with no routable replica requests wait in the queue (scale
 zero) and are let through as soon as one turns READY.
 
 Replicas come from the fleet file and from :meth:`Registry.add_replica` (an
-autoscaler); a reload replaces the file's replicas and keeps the added ones.
+autoscaler); a reload replaces the file's replicas and keeps the added ones. Each
+replica has a short stable id (a hash of its URL) for the admin API's paths.
+
+A replica whose engine died (it answered 503 ``engine_dead``, or its ``/state`` says
+so) is marked dead at once: no more traffic until a poll finds it READY again (it
+was restarted).
+
+Weights: the fleet file's, until an operator (admin ``PATCH``) or a rollout sets
+one. A weight set at run time survives reloads as long as the file's weight for
+that version stays what it was when the weight was set; once the file's weight
+changes, the file wins (the operator edited it). A running rollout *locks* its two
+versions' weights: reloads keep them whatever the file says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -26,7 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmfleet.gateway.config import FleetConfig, ModelConfig, VersionConfig
+from lmfleet.gateway.config import (
+    FleetConfig,
+    ModelConfig,
+    VersionConfig,
+    check_replica_url,
+    check_weight,
+)
 from lmfleet.gateway.policies.admission import AdmissionQueue
 from lmfleet.gateway.policies.balance import Balancer, ReplicaView, make_balancer
 from lmfleet.gateway.upstream import ConnectFailed, UpstreamError, UpstreamPool
@@ -35,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: replica states from /state that take traffic
 _READY = "ready"
+#: the state the gateway gives a replica whose engine died
+ENGINE_DEAD = "engine_dead"
 #: polls in a row that time out before a replica is ejected
 _POLL_FAILURES = 3
 #: seconds a ``/state`` poll may take
@@ -64,7 +84,13 @@ class ReplicaInfo:
 
     @property
     def replica_id(self) -> str:
+        """The balancer's key for this replica."""
         return self.url
+
+    @property
+    def id(self) -> str:
+        """A short stable id for the admin API's paths: the same URL, the same id."""
+        return replica_id_of(self.url)
 
     def view(self, max_inflight: int | None) -> ReplicaView:
         return ReplicaView(
@@ -79,6 +105,7 @@ class ReplicaInfo:
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "id": self.id,
             "url": self.url,
             "source": self.source,
             "routable": self.routable,
@@ -124,6 +151,28 @@ class VersionEntry:
         self.queue.set_capacity(self.max_inflight * len(self.routable()))
 
 
+def replica_id_of(url: str) -> str:
+    """``r`` + 10 hex digits of the blake2b hash of the URL (without trailing ``/``)."""
+    return "r" + hashlib.blake2b(url.rstrip("/").encode(), digest_size=5).hexdigest()
+
+
+@dataclass(slots=True)
+class WeightOverride:
+    """A weight set at run time, and the file's weight for that version when it was
+    set (a reload keeps the override while the file's weight stays that)."""
+
+    weight: float
+    file_weight: float
+    #: "operator" (admin API) or "rollout"
+    owner: str
+    #: a running rollout owns it: reloads keep it whatever the file says
+    locked: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight, "file_weight": self.file_weight,
+                "owner": self.owner, "locked": self.locked}  # fmt: skip
+
+
 @dataclass(slots=True)
 class ModelEntry:
     config: ModelConfig
@@ -149,6 +198,8 @@ class Registry:
         self._own_pool = pool is None
         self._task: asyncio.Task[None] | None = None
         self.models: dict[str, ModelEntry] = {}
+        #: weights set at run time, by (model, version)
+        self.overrides: dict[tuple[str, str], WeightOverride] = {}
         self.config = config
         self.apply_config(config)
 
@@ -167,6 +218,10 @@ class Registry:
         for name in list(self.models):
             if name not in wanted:
                 del self.models[name]
+        versions_now = {(m.name, v.name) for m in config.models for v in m.versions}
+        for key in list(self.overrides):
+            if key not in versions_now:
+                del self.overrides[key]
         for mcfg in config.models:
             entry = self.models.get(mcfg.name)
             versions = entry.versions if entry else {}
@@ -183,7 +238,7 @@ class Registry:
         entry = VersionEntry(
             model=mcfg.name,
             name=vcfg.name,
-            weight=vcfg.weight,
+            weight=self._weight_on_load(mcfg.name, vcfg),
             served_model_name=vcfg.served_model_name,
             upstream_headers=(
                 [("authorization", f"Bearer {key}")] if (key := vcfg.upstream_key()) else []
@@ -213,6 +268,38 @@ class Registry:
         entry.refresh_capacity()
         return entry
 
+    def _weight_on_load(self, model: str, vcfg: VersionConfig) -> float:
+        """The file's weight, unless a weight set at run time still holds (see the
+        module docstring)."""
+        o = self.overrides.get((model, vcfg.name))
+        if o is None:
+            return vcfg.weight
+        if o.locked or o.file_weight == vcfg.weight:
+            if o.weight != vcfg.weight:
+                why = (
+                    "a running rollout owns it"
+                    if o.locked
+                    else (f"set by the {o.owner}; the file's weight applies once it changes")
+                )
+                logger.info("weight of %s/%s stays %g, not the file's %g: %s", model,
+                            vcfg.name, o.weight, vcfg.weight, why)  # fmt: skip
+            return o.weight
+        logger.info("weight of %s/%s: the fleet file's new weight %g replaces %g (set by "
+                    "the %s)", model, vcfg.name, vcfg.weight, o.weight, o.owner)  # fmt: skip
+        del self.overrides[(model, vcfg.name)]
+        return vcfg.weight
+
+    def restore_overrides(self, overrides: dict[tuple[str, str], WeightOverride]) -> None:
+        """Weights set at run time by an earlier process (the state file): applied
+        under the same rule as a reload."""
+        for (model, version), o in overrides.items():
+            mcfg = self.config.model(model)
+            vcfg = mcfg.version(version) if mcfg is not None else None
+            if vcfg is None:
+                continue
+            self.overrides[(model, version)] = o
+            self.version(model, version).weight = self._weight_on_load(model, vcfg)
+
     # ---- lookups ------------------------------------------------------------------------
     def model(self, name: str) -> ModelEntry:
         try:
@@ -231,9 +318,10 @@ class Registry:
 
     # ---- run-time changes ---------------------------------------------------------------
     def add_replica(self, model: str, version: str, url: str) -> ReplicaInfo:
-        """Register a replica (not routable until a poll finds it READY)."""
+        """Register a replica (not routable until a poll finds it READY). ``ValueError``
+        for a URL that could never be routed to (scheme, host, port)."""
         entry = self.version(model, version)
-        url = url.rstrip("/")
+        url = check_replica_url(url)
         info = entry.replicas.get(url)
         if info is None:
             info = entry.replicas[url] = ReplicaInfo(url, model, version, source="dynamic")
@@ -247,14 +335,35 @@ class Registry:
         self._drop(entry, url)
         entry.refresh_capacity()
 
+    def replica_by_id(self, model: str, version: str, replica_id: str) -> ReplicaInfo:
+        entry = self.version(model, version)
+        for info in entry.replicas.values():
+            if info.id == replica_id:
+                return info
+        raise UnknownTarget(f"replica {replica_id} of {model}/{version}")
+
     def _drop(self, entry: VersionEntry, url: str) -> None:
         entry.replicas.pop(url, None)
         entry.balancer.forget(url)
 
-    def set_weight(self, model: str, version: str, weight: float) -> None:
-        if weight < 0:
-            raise ValueError("weight must be ≥ 0")
-        self.version(model, version).weight = weight
+    def set_weight(
+        self, model: str, version: str, weight: float, *, owner: str = "operator",
+        locked: bool = False,
+    ) -> None:  # fmt: skip
+        """A weight set at run time (it survives reloads, see the module docstring).
+        ``ValueError`` unless finite and ≥ 0."""
+        weight = check_weight(weight)
+        entry = self.version(model, version)
+        mcfg = self.config.model(model)
+        vcfg = mcfg.version(version) if mcfg is not None else None
+        file_weight = vcfg.weight if vcfg is not None else entry.weight
+        entry.weight = weight
+        self.overrides[(model, version)] = WeightOverride(weight, file_weight, owner, locked)
+
+    def mark_dead(self, replica: ReplicaInfo, reason: str) -> None:
+        """The replica's engine died: no traffic until a poll finds it READY again."""
+        replica.state = ENGINE_DEAD
+        self.eject(replica, reason)
 
     def eject(self, replica: ReplicaInfo, reason: str) -> None:
         """Stop routing to ``replica`` now; the next READY poll re-admits it."""
@@ -331,6 +440,8 @@ class Registry:
         replica.kv_usage = float(data.get("kv_cache_usage") or 0.0)
         replica.prefix_hit_rate = float(data.get("prefix_cache_hit_rate") or 0.0)
         state = str(data.get("state", "unknown"))
+        if data.get("engine_dead"):
+            state = ENGINE_DEAD
         if state == _READY and data.get("ready", True):
             if not replica.routable:
                 logger.info("replica %s (%s/%s) is ready", replica.url, replica.model,

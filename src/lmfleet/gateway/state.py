@@ -16,6 +16,7 @@ from lmfleet.gateway.auth import Authenticator
 from lmfleet.gateway.config import FleetConfig, RetryConfig
 from lmfleet.gateway.metrics import GatewayMetrics
 from lmfleet.gateway.registry import Registry
+from lmfleet.gateway.rollout import StepWindow
 from lmfleet.gateway.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ _FEEDBACK_IDS = 100_000
 #: idle pooled connections are closed before servers close them (uvicorn: after 5 s),
 #: so a request rarely goes out on a connection the replica is closing
 KEEPALIVE_S = 4.0
+
+
+class FeedbackExists(LookupError):
+    """A response id already has its feedback score."""
 
 
 class RetryBudget:
@@ -87,7 +92,12 @@ class GatewayState:
         self.auth = Authenticator(config, clock=clock)
         self.retry_budget = RetryBudget(config.gateway.retries, clock)
         self.samples: dict[tuple[str, str], VersionSamples] = {}
+        #: the current step's window of each model with a running rollout (the proxy
+        #: records split-assigned requests into it; the rollout runner sets it)
+        self.windows: dict[str, StepWindow] = {}
         self._response_versions: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        #: response ids that already have a feedback score (one score per id)
+        self._scored: set[str] = set()
 
     async def start(self) -> None:
         await self.registry.start()
@@ -115,7 +125,21 @@ class GatewayState:
     def remember_response(self, response_id: str, model: str, version: str) -> None:
         self._response_versions[response_id] = (model, version)
         while len(self._response_versions) > _FEEDBACK_IDS:
-            self._response_versions.popitem(last=False)
+            old, _ = self._response_versions.popitem(last=False)
+            self._scored.discard(old)
+
+    def record_feedback(self, response_id: str, score: float) -> tuple[str, str] | None:
+        """Credit ``score`` to the version that produced ``response_id``; None for an
+        unknown id. :class:`FeedbackExists` if the id already has a score: the first
+        score stands (a second one would weigh one response twice)."""
+        target = self._response_versions.get(response_id)
+        if target is None:
+            return None
+        if response_id in self._scored:
+            raise FeedbackExists(response_id)
+        self._scored.add(response_id)
+        self.version_samples(*target).record_feedback(score)
+        return target
 
     def version_of_response(self, response_id: str) -> tuple[str, str] | None:
         return self._response_versions.get(response_id)
