@@ -141,7 +141,12 @@ def test_dead_engine_fails_liveness_then_stops_with_an_error(tiny_model_dir):
             rep.on_stopped = stopped.set
             r = await client.post(COMPLETIONS, json=_body("x", request_id=fault_request_id("step")))
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+            assert "x-lmfleet-admitted" not in r.headers  # this one reached the engine
             assert (await client.get("/health/live")).status_code == 503
+            # later requests are refused before the engine, and say so (the gateway
+            # may then try them elsewhere)
+            r = await client.post(COMPLETIONS, json=_body("x"))
+            assert r.status_code == 503 and r.headers["x-lmfleet-admitted"] == "0"
             await wait_for(stopped.is_set, timeout=30)
             assert rep.state.value == "stopped" and rep.exit_code == 1
             assert "engine died" in (rep.error or "")

@@ -35,6 +35,9 @@ from lmfleet.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
+#: set to "0" on every answer refused before the request reached the engine
+NOT_ADMITTED_HEADER = "x-lmfleet-admitted"
+
 #: after a drain timeout aborts the rest, how long their responses get to finish
 _ABORT_GRACE_S = 5.0
 _IDLE_POLL_S = 0.05
@@ -283,7 +286,10 @@ class Replica:
         self.in_flight_seqs -= ticket.num_seqs
 
     def _retry_after(self) -> dict[str, str]:
-        return {"Retry-After": str(self.settings.retry_after_s)}
+        """Headers of a refusal before admission: when to come back, and that the
+        request never reached the engine (the gateway may then send it elsewhere even
+        when the code is ``engine_dead``)."""
+        return {"Retry-After": str(self.settings.retry_after_s), NOT_ADMITTED_HEADER: "0"}
 
     def _unavailable(self, state: ReplicaState, *, record: bool = True) -> ApiError:
         reason, code, message = _UNAVAILABLE.get(state, ("unavailable", "unavailable", state))
