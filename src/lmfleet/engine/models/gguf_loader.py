@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lmfleet.engine.models.config import ArchConfig
 from lmfleet.engine.models.gguf_file import GGUFHeader, GGUFTensor, read_header, read_tensor_bytes
 from lmfleet.engine.models.gguf_quants import FORMATS, dequantize, supported_types, type_name
-from lmfleet.engine.models.loader import LoadedModel
+from lmfleet.engine.models.loader import LoadedModel, assign_parameter, weights_progress
 from lmfleet.engine.models.registry import resolve
 from lmfleet.errors import ModelLoadError
 
@@ -239,17 +237,7 @@ def load_gguf_model(
 
     loaded: set[str] = set()
     total = header.num_bytes
-    with (
-        tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc="loading weights",
-            file=sys.stderr,
-            disable=not progress,
-        ) as bar,
-        header.path.open("rb") as f,
-    ):
+    with weights_progress(total, progress) as bar, header.path.open("rb") as f:
         for t in header.tensors:
             name = names[t.name]
             if name in loaded:
@@ -262,8 +250,7 @@ def load_gguf_model(
             proj = name.rsplit(".", 2)[-2]
             if permuted and proj in heads:
                 tensor = unpermute_qk(tensor, heads[proj]).contiguous()
-            owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))
+            assign_parameter(model, name, tensor)
             loaded.add(name)
             del raw
             bar.update(t.nbytes)

@@ -128,14 +128,7 @@ def load_model(
     num_bytes = 0
     loaded: dict[str, Path] = {}
     kv_scale_values: dict[tuple[int, str], float] = {}
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc="loading weights",
-        file=sys.stderr,
-        disable=not progress,
-    ) as bar:
+    with weights_progress(total, progress) as bar:
         for path in files:
             file_bytes = 0
             for name, tensor in _read_file(path, params, fp8):
@@ -149,7 +142,7 @@ def load_model(
                 if name in fp8:  # before params: a block-wise fp8 weight is one too
                     fp8[name].assign(path, name, tensor, dtype, device)
                 elif name in params:
-                    _assign(model, name, _convert(tensor, dtype, device))
+                    assign_parameter(model, name, _convert(tensor, dtype, device))
                 else:  # _read_file yields parameters, fp8 tensors and KV scales only
                     scale_of = kv_scale_tensor_layer(name)
                     assert scale_of is not None
@@ -273,6 +266,19 @@ def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
     return tensor.to(device=device, dtype=dtype)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def weights_progress(total_bytes: int, progress: bool) -> tqdm:
+    """The loaders' progress bar: bytes of weights read, on stderr."""
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        file=sys.stderr,
+        disable=not progress,
+    )
+
+
+def assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in as the (frozen) parameter ``name`` of a model built on meta."""
     owner, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))
