@@ -253,48 +253,12 @@ def run_hf_static(args: dict) -> dict:
 
 
 def run_hf_cb(args: dict) -> dict:
-    import torch
-    from transformers import GenerationConfig
-    from transformers.generation.continuous_batching.utils import WorkloadHints
+    from hf_continuous import time_continuous_batching
 
     _, model = _load_hf()
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max(args["olens"]), eos_token_id=-1, pad_token_id=2
+    return time_continuous_batching(
+        model, args["prompts"], args["olens"], pad_token_id=2, warmup_token=FIRST_PLAIN_ID
     )
-
-    def run(prompts: list[list[int]], lens: list[int]) -> int:
-        hints = WorkloadHints(
-            max_prompt_length=max(len(p) for p in prompts),
-            max_generated_length=max(lens),
-            num_requests=len(prompts),
-        )
-        cm = model.continuous_batching_context_manager(
-            generation_config=config, block=True, timeout=5, workload_hints=hints
-        )
-        with cm as manager:
-            ids = [
-                manager.add_request(p, max_new_tokens=n, eos_token_id=-1)
-                for p, n in zip(prompts, lens, strict=True)
-            ]
-            done: dict[str, int] = {}
-            while len(done) < len(ids):
-                result = manager.get_result(timeout=1)
-                if result is not None and result.is_finished():
-                    if result.error is not None:
-                        raise RuntimeError(f"transformers request failed: {result.error}")
-                    done[result.request_id] = len(result.generated_tokens)
-                elif result is None and not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching loop died")
-        return sum(done.values())
-
-    with torch.no_grad():
-        run([[FIRST_PLAIN_ID] * 48, [FIRST_PLAIN_ID + 1] * 40], [8, 8])
-        t0 = time.perf_counter()
-        got = run(args["prompts"], args["olens"])
-        seconds = time.perf_counter() - t0
-    if got != sum(args["olens"]):
-        raise RuntimeError(f"transformers produced {got} tokens, expected {sum(args['olens'])}")
-    return {"seconds": seconds, "output_tokens": got}
 
 
 def _per_token_ms(timed, n: int) -> float:
