@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Set up and ask the built-in default model (SmolLM2-135M-Instruct, a 98 MB GGUF that
-# setup installs) a question, greedy, through its chat template. Extra arguments go
-# to `lmfleet generate` (e.g. --prompt "..." or --model DIR_OR_FILE.gguf).
+# Set up and run the built-in fleet: the gateway on http://127.0.0.1:8080, the
+# autoscaler, and replicas of the built-in SmolLM2-135M-Instruct (a 98 MB GGUF that
+# setup installs), v1 float32 and v2 int8 split 90/10 with a warm standby. Prints
+# the URL, an API example and the answer to a first chat request through the
+# gateway, then serves until Ctrl-C (which drains everything). Extra arguments go to
+# `lmfleet up` (e.g. --port 0, a fleet file, --ask "...", --status log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-case " $* " in
-    *" --prompt "*|*" --prompt="*) ;;
-    *) set -- --prompt "What is the capital of France?" "$@" ;;
-esac
-exec .venv/bin/lmfleet generate --chat --temperature 0 --max-tokens 64 "$@"
+exec .venv/bin/lmfleet up "$@"

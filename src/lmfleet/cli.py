@@ -148,6 +148,8 @@ def _cmd_create_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lmfleet.bench.cli import add_bench_parser
     from lmfleet.engine.models.presets import PRESETS
+    from lmfleet.fleet.status_view import add_status_parser
+    from lmfleet.fleet.up import add_up_parser
     from lmfleet.gateway.serve import add_gateway_parser
     from lmfleet.server.serve import add_serve_parser
 
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cm.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
     cm.set_defaults(func=_cmd_create_model)
+    add_up_parser(sub)
+    add_status_parser(sub)
     add_serve_parser(sub)
     add_bench_parser(sub)
     add_gateway_parser(sub)

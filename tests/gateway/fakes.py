@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lmfleet.gateway.config import parse_config
+from lmfleet.fleet.config import parse_config
 from tests.server_thread import ServerThread
 
 

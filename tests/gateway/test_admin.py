@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from lmfleet.gateway.config import parse_config
+from lmfleet.fleet.config import parse_config
 from lmfleet.gateway.rollout_runner import RolloutRunner, plan_from_config
 from lmfleet.gateway.state import GatewayState
 from tests.gateway.fakes import FakeReplica, fleet, gateway_thread, ready, running

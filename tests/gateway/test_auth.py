@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from lmfleet.fleet.config import parse_config
 from lmfleet.gateway.auth import Authenticator, TokenBucket
-from lmfleet.gateway.config import parse_config
 from lmfleet.gateway.errors import GatewayError
 from tests.gateway.fakes import FakeReplica, ServerThread, fleet, gateway_thread, wait_for
 

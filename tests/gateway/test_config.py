@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmfleet.errors import ConfigError
-from lmfleet.gateway.config import load_config, loc_path, parse_config
+from lmfleet.fleet.config import load_config, loc_path, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 
@@ -44,7 +44,10 @@ def test_negative_weight_is_reported_by_path():
         ({"balancing": {"policy": "random"}}, "models[0].balancing.policy:"),
         ({"shadow": {"version": "v9", "percent": 5}}, "shadow.version 'v9' is not one of"),
         ({"shadow": {"version": "v1", "percent": 150}}, "models[0].shadow.percent: must be ≤ 100"),
-        ({"versions": [{"name": "a", "replicas": ["h:1"]}]}, "models[0].versions[0].replicas:"),
+        (
+            {"versions": [{"name": "a", "replicas": ["h:1"]}]},
+            "models[0].versions[0]: replicas[0]: 'h:1' must start with http",
+        ),
         ({"versions": [{"name": "a"}, {"name": "a"}]}, "version names must be unique"),
         ({"versions": []}, "models[0].versions:"),
     ],

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lmfleet.gateway.config import parse_config
+from lmfleet.fleet.config import parse_config
 from lmfleet.gateway.registry import ENGINE_DEAD, Registry, UnknownTarget, replica_id_of
 from lmfleet.gateway.upstream import ConnectFailed
 from tests.gateway.fakes import fleet

@@ -32,14 +32,15 @@ from starlette.types import Receive, Scope, Send
 
 from lmfleet import __version__
 from lmfleet.errors import ConfigError
+from lmfleet.fleet.config import FleetConfig, RolloutConfig, check_replica_url, load_config
 from lmfleet.gateway import abstats, errors
-from lmfleet.gateway.config import FleetConfig, RolloutConfig, check_replica_url, load_config
 from lmfleet.gateway.errors import GatewayError
 from lmfleet.gateway.metrics import CONTENT_TYPE
 from lmfleet.gateway.proxy import CHAT_PATH, COMPLETIONS_PATH, Proxy
 from lmfleet.gateway.registry import UnknownTarget, replica_id_of
 from lmfleet.gateway.rollout_runner import RolloutConflict, RolloutRunner, plan_from_config
 from lmfleet.gateway.state import FeedbackExists, GatewayState
+from lmfleet.gateway.version_stats import versions_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,21 @@ def _admin_router() -> APIRouter:
     @r.get("/replicas")
     async def replicas(request: Request) -> dict[str, Any]:
         return _state(request).registry.snapshot()
+
+    @r.get("/versions")
+    async def versions(request: Request) -> dict[str, Any]:
+        return versions_snapshot(_state(request))
+
+    @r.get("/autoscaler")
+    async def autoscaler(request: Request) -> dict[str, Any]:
+        controller = getattr(request.app.state, "controller", None)
+        if controller is None:
+            raise GatewayError(
+                404, "no autoscaler runs in this gateway (lmfleet up runs one)",
+                code="no_autoscaler",
+            )  # fmt: skip
+        snapshot: dict[str, Any] = await controller.snapshot()
+        return snapshot
 
     @r.patch("/models/{model}/versions/{version}")
     async def patch_version(model: str, version: str, body: WeightPatch,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from lmfleet.gateway.config import ApiKeyConfig, FleetConfig
+from lmfleet.fleet.config import ApiKeyConfig, FleetConfig
 from lmfleet.gateway.errors import GatewayError, retry_after
 
 

@@ -179,6 +179,7 @@ class Proxy:
                 raise GatewayError(400, JSON_ONLY, code="invalid_json")
             body = await self._read_body(scope, receive, headers)
             call = self._prepare(scope["path"], rid, body, headers, key, t0)
+            self.state.version_stats.record_arrival(*call.labels)
             self._maybe_shadow(call, headers)
             await self._admit(call)
             try:
@@ -761,6 +762,11 @@ class Proxy:
             m.tokens.labels(*labels, "prompt").inc(call.prompt_tokens)
         if call.completion_tokens:
             m.tokens.labels(*labels, "completion").inc(call.completion_tokens)
+        streamed = ttft is not None and not error  # what the TTFT/TPOT histograms observe
+        self.state.version_stats.record_finish(
+            *labels, ttft_s=ttft if streamed else None, tpot_s=tpot if streamed else None,
+            output_tokens=call.completion_tokens, error=error,
+        )  # fmt: skip
         call.key.record_tokens(call.prompt_tokens + call.completion_tokens)
         if outcome != "client_disconnect":
             sample = {"ttft": ttft, "tpot": tpot, "e2e": None if error else e2e, "error": error}
@@ -789,6 +795,8 @@ class Proxy:
             self.state.metrics.shadow_skipped.labels(version.model, version.name, skip).inc()
             return
         self._shadow_inflight += 1
+        # a copy sent is real load on the shadow version's replicas: an arrival there
+        self.state.version_stats.record_arrival(version.model, version.name)
         copy = Call(
             rid=call.rid + "-shadow", path=call.path, chat=call.chat, payload=call.payload,
             model=call.model, version=version, stream=call.stream, key=_SHADOW_KEY,

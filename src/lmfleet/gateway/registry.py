@@ -1,8 +1,10 @@
 """Which versions each model has, which replicas serve each version, and which of
 those may take traffic right now.
 
-A replica takes traffic ("routable") only while its last ``/state`` poll said READY.
-Connection errors, a failed poll, STARTING, DRAINING, ASLEEP or STOPPED eject it; the
+A replica takes traffic ("routable") only while its last ``/state`` poll said READY
+and it is in rotation. Taking a replica **out of rotation** (the autoscaler does,
+before a drain or a sleep) stops new traffic to it whatever its polls say; only
+putting it back in rotation lets a READY poll re-admit it. Connection errors, a failed poll, STARTING, DRAINING, ASLEEP or STOPPED eject it; the
 first poll that finds it READY again re-admits it. The proxy ejects at once (without
 waiting for the next poll) when a connection fails or a replica answers 503.
 
@@ -11,9 +13,10 @@ of each (model, version): the queue's capacity is the sum of ``max_inflight`` ov
 routable replicas, so with no routable replica requests wait in the queue (scale from
 zero) and are let through as soon as one turns READY.
 
-Replicas come from the fleet file and from :meth:`Registry.add_replica` (an
-autoscaler); a reload replaces the file's replicas and keeps the added ones. Each
-replica has a short stable id (a hash of its URL) for the admin API's paths.
+Replicas come from the fleet file (``urls``), from :meth:`Registry.add_replica`
+(the admin API: "dynamic") and from the autoscaler's provider ("provider", with the
+provider's replica id); a reload replaces the file's replicas and keeps the others.
+Each replica has a short stable id (a hash of its URL) for the admin API's paths.
 
 A replica whose engine died (it answered 503 ``engine_dead``, or its ``/state`` says
 so) is marked dead at once: no more traffic until a poll finds it READY again (it
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmfleet.gateway.config import (
+from lmfleet.fleet.config import (
     FleetConfig,
     ModelConfig,
     VersionConfig,
@@ -68,8 +71,12 @@ class ReplicaInfo:
     url: str
     model: str
     version: str
-    #: "config" (from the fleet file) or "dynamic" (added through the API)
+    #: "config" (the fleet file), "dynamic" (the admin API) or "provider" (the autoscaler)
     source: str = "config"
+    #: the provider's id of a replica the autoscaler runs
+    provider_id: str | None = None
+    #: False: no new traffic whatever its polls say (before a drain or a sleep)
+    in_rotation: bool = True
     routable: bool = False
     state: str = "unknown"
     inflight: int = 0
@@ -108,6 +115,8 @@ class ReplicaInfo:
             "id": self.id,
             "url": self.url,
             "source": self.source,
+            "provider_id": self.provider_id,
+            "in_rotation": self.in_rotation,
             "routable": self.routable,
             "state": self.state,
             "inflight": self.inflight,
@@ -261,9 +270,9 @@ class Registry:
             entry.changed = old.changed
         # the file's replicas are replaced; dynamic ones stay
         for url, info in list(entry.replicas.items()):
-            if info.source == "config" and url not in vcfg.replicas:
+            if info.source == "config" and url not in vcfg.urls:
                 self._drop(entry, url)
-        for url in vcfg.replicas:
+        for url in vcfg.urls:
             entry.replicas.setdefault(url, ReplicaInfo(url, mcfg.name, vcfg.name))
         entry.refresh_capacity()
         return entry
@@ -317,15 +326,46 @@ class Registry:
         return [v for m in self.models.values() for v in m.versions.values()]
 
     # ---- run-time changes ---------------------------------------------------------------
-    def add_replica(self, model: str, version: str, url: str) -> ReplicaInfo:
+    def add_replica(
+        self, model: str, version: str, url: str, *, source: str = "dynamic",
+        provider_id: str | None = None,
+    ) -> ReplicaInfo:  # fmt: skip
         """Register a replica (not routable until a poll finds it READY). ``ValueError``
         for a URL that could never be routed to (scheme, host, port)."""
         entry = self.version(model, version)
         url = check_replica_url(url)
         info = entry.replicas.get(url)
         if info is None:
-            info = entry.replicas[url] = ReplicaInfo(url, model, version, source="dynamic")
+            info = entry.replicas[url] = ReplicaInfo(
+                url, model, version, source=source, provider_id=provider_id
+            )
         return info
+
+    def set_rotation(self, replica: ReplicaInfo, in_rotation: bool, reason: str) -> None:
+        """Out of rotation: no new request reaches ``replica`` from now on (those it
+        holds go on). Back in rotation: the next READY poll re-admits it."""
+        if replica.in_rotation == in_rotation:
+            return
+        replica.in_rotation = in_rotation
+        logger.info("replica %s (%s/%s) %s rotation: %s", replica.url, replica.model,
+                    replica.version, "back in" if in_rotation else "out of", reason)  # fmt: skip
+        if not in_rotation:
+            replica.routable = False
+            entry = self._entry_of(replica)
+            if entry is not None:
+                entry.refresh_capacity()
+
+    def replica_by_provider_id(self, provider_id: str) -> ReplicaInfo | None:
+        for entry in self.all_versions():
+            for info in entry.replicas.values():
+                if info.provider_id == provider_id:
+                    return info
+        return None
+
+    async def poll_replica(self, replica: ReplicaInfo) -> None:
+        """Read one replica's ``/state`` now (the autoscaler, once it turned READY),
+        instead of waiting for the next round of polls."""
+        await self._poll(replica)
 
     def remove_replica(self, model: str, version: str, url: str) -> None:
         entry = self.version(model, version)
@@ -442,7 +482,9 @@ class Registry:
         state = str(data.get("state", "unknown"))
         if data.get("engine_dead"):
             state = ENGINE_DEAD
-        if state == _READY and data.get("ready", True):
+        if state == _READY and data.get("ready", True) and not replica.in_rotation:
+            replica.state = state  # READY, but leaving: no new traffic
+        elif state == _READY and data.get("ready", True):
             if not replica.routable:
                 logger.info("replica %s (%s/%s) is ready", replica.url, replica.model,
                             replica.version)  # fmt: skip

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmfleet.errors import ConfigError, LmfleetError
-from lmfleet.gateway.config import RolloutConfig
+from lmfleet.fleet.config import RolloutConfig
 from lmfleet.gateway.registry import WeightOverride
 from lmfleet.gateway.rollout import Decision, Rollout, RolloutPlan, RolloutStep
 from lmfleet.gateway.state import GatewayState

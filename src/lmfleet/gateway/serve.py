@@ -24,7 +24,7 @@ from pathlib import Path
 import uvicorn
 
 from lmfleet.errors import ConfigError
-from lmfleet.gateway.config import load_config
+from lmfleet.fleet.config import load_config
 from lmfleet.gateway.rollout_runner import RolloutRunner
 from lmfleet.gateway.state import GatewayState
 from lmfleet.serving import uvicorn_http, uvicorn_loop
@@ -91,7 +91,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     if args.check:
         for m in config.models:
             versions = ", ".join(
-                f"{v.name} (weight {v.weight:g}, {len(v.replicas)} replicas)" for v in m.versions
+                f"{v.name} (weight {v.weight:g}, {len(v.urls)} replicas)" for v in m.versions
             )
             print(f"{m.name}: {versions}; balancing {m.balancing.policy}")
         return 0

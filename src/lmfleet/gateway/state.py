@@ -1,6 +1,7 @@
 """The gateway's shared state: configuration, registry, auth, metrics, the pool of
-upstream connections, A/B samples and the retry budget. One object, built by the app
-factory and handed to the proxy and the admin routes.
+upstream connections, A/B samples, the per-version window stats and the retry
+budget. One object, built by the app factory and handed to the proxy and the admin
+routes.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from lmfleet.fleet.config import FleetConfig, RetryConfig
 from lmfleet.gateway.abstats import VersionSamples
 from lmfleet.gateway.auth import Authenticator
-from lmfleet.gateway.config import FleetConfig, RetryConfig
 from lmfleet.gateway.metrics import GatewayMetrics
 from lmfleet.gateway.registry import Registry
 from lmfleet.gateway.rollout import StepWindow
 from lmfleet.gateway.upstream import UpstreamPool
+from lmfleet.gateway.version_stats import VersionStats
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ class GatewayState:
         #: every call to the replicas: generation, polls, the resume's tokenize
         self.upstream = UpstreamPool(idle_s=KEEPALIVE_S)
         self.registry = Registry(config, pool=self.upstream, clock=clock)
-        self.metrics.bind(self.registry)
+        #: arrivals and finishes per version over the recent window (the autoscaler's)
+        self.version_stats = VersionStats(clock=clock)
+        self.metrics.bind(self.registry, self.version_stats)
         self.auth = Authenticator(config, clock=clock)
         self.retry_budget = RetryBudget(config.gateway.retries, clock)
         self.samples: dict[tuple[str, str], VersionSamples] = {}
@@ -109,6 +113,7 @@ class GatewayState:
     def apply_config(self, config: FleetConfig) -> None:
         """A reload: requests in flight keep what they hold (replica, version, slot)."""
         self.registry.apply_config(config)
+        self.version_stats.retain((m.name, v.name) for m in config.models for v in m.versions)
         self.auth.apply_config(config)
         self.retry_budget.config = config.gateway.retries
         self.config = config

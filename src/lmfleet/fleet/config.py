@@ -1,11 +1,20 @@
-"""The fleet file the gateway reads: models, their versions and replicas, traffic
-weights, stickiness, shadow traffic, balancing, queue limits, API keys, timeouts.
+"""The fleet file: one typed model read by the gateway, the autoscaler, the
+providers (and ``lmfleet deploy``). Models, their versions, traffic weights,
+stickiness, shadow traffic, balancing, queue limits, API keys, timeouts; per version
+what to run (``model``, ``engine_args``), how many (``replicas: {min, max,
+standby}``), how to scale it (``autoscaling``) or the URLs of replicas run outside
+lmfleet (``urls``); and who runs replicas (``provider``) and how often the
+autoscaler decides (``autoscaler``).
 
 Validated with pydantic at load time; every error is reported by its path in the
 file (``models[0].versions[1].weight: must be ≥ 0``) by :func:`format_errors`, so
 the message shows where to fix it. Unknown keys are errors (a typo is never a
-silently ignored setting). Sections other tools own (``autoscaler``, ``provider``,
-``deploy``) are accepted as they are and not looked at here.
+silently ignored setting).
+
+A version is *managed* when it names a ``model``: the autoscaler starts and stops
+its replicas through the provider. ``urls`` are static replicas the gateway routes
+to as they are (a version may have both). For files written before managed
+versions existed, ``replicas`` may still be a list of URLs: it means ``urls``.
 
 Replica lists are only the starting point: :mod:`lmfleet.gateway.registry` adds and
 removes replicas at run time (the autoscaler does), without touching this file.
@@ -13,6 +22,7 @@ removes replicas at run time (the autoscaler does), without touching this file.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,8 +30,17 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from lmfleet.autoscaler.observation import AutoscalingConfig
 from lmfleet.errors import ConfigError
 
 BALANCERS = ("round_robin", "least_outstanding", "prefix_affinity", "kv_aware")
@@ -92,16 +111,176 @@ class QueueConfig(_Section):
     max_inflight_per_replica: int = Field(256, ge=1)
 
 
+class ReplicaCounts(_Section):
+    """How many replicas the autoscaler keeps of a managed version."""
+
+    min: int = Field(1, ge=0)
+    max: int = Field(4, ge=1)
+    #: replicas kept ASLEEP (weights in host memory, accelerator memory freed),
+    #: woken in seconds instead of a cold start; they count toward ``max``
+    standby: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaCounts:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        if self.standby > self.max:
+            raise ValueError(
+                f"standby ({self.standby}) is above max ({self.max}): sleeping replicas "
+                "count toward max"
+            )
+        return self
+
+
+def _autoscaling_section() -> type[BaseModel]:
+    """``autoscaling:`` of a version: every knob of the policy's
+    :class:`~lmfleet.autoscaler.observation.AutoscalingConfig` except the replica
+    counts (``replicas:``), with the same defaults; docs/autoscaler.md explains them.
+    Built from the dataclass so that the two never disagree on a name or default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(AutoscalingConfig)
+    counts = {"min_replicas", "max_replicas", "standby"}
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name], f.default)
+        for f in dataclasses.fields(AutoscalingConfig)
+        if f.name not in counts
+    }
+    return create_model(
+        "AutoscalingSection",
+        __base__=_Section,
+        __doc__="A managed version's autoscaling policy knobs.",
+        #: off: the replicas stay at ``replicas.min`` (no decisions are made)
+        enabled=(bool, True),
+        #: which policy decides (the simulator compares others)
+        policy=(Literal["lmfleet"], "lmfleet"),
+        **fields,
+    )
+
+
+AutoscalingSection = _autoscaling_section()
+
+#: engine flags a fleet file may not set: the provider sets them per replica
+_PROVIDER_FLAGS = frozenset(
+    {"--host", "--port", "--port-file", "--exit-with-parent", "--admin-token",
+     "--served-model-name", "--version-label", "--api-key"}
+)  # fmt: skip
+
+
+@functools.cache
+def _serve_flags() -> frozenset[str]:
+    """Every option ``lmfleet serve`` takes (to catch a misspelt engine argument)."""
+    import argparse
+
+    from lmfleet.server.serve import add_serve_parser
+
+    sub = argparse.ArgumentParser(add_help=False).add_subparsers()
+    parser = add_serve_parser(sub)
+    return frozenset(s for a in parser._actions for s in a.option_strings if s.startswith("--"))
+
+
+def engine_flags(args: Mapping[str, Any] | Sequence[str]) -> tuple[str, ...]:
+    """``engine_args`` as ``lmfleet serve`` flags: a mapping ``{dtype: float32,
+    enforce-eager: true}`` becomes ``--dtype float32 --enforce-eager`` (false leaves
+    a switch out, a list repeats the flag); a list is taken as flags already.
+    ``ValueError`` naming the key for a flag ``lmfleet serve`` does not have."""
+    if isinstance(args, Mapping):
+        flags: list[str] = []
+        for key, value in args.items():
+            flag = "--" + str(key).removeprefix("--").replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            elif value is False or value is None:
+                continue
+            elif isinstance(value, list):
+                for v in value:
+                    flags += [flag, str(v)]
+            else:
+                flags += [flag, str(value)]
+    else:
+        flags = [str(a) for a in args]
+    for f in flags:
+        name = f.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        if name in _PROVIDER_FLAGS:
+            raise ValueError(f"{name} is set by lmfleet for each replica; leave it out")
+        if name not in _serve_flags():
+            raise ValueError(f"{name} is not an option of lmfleet serve (see lmfleet serve --help)")
+    return tuple(flags)
+
+
 class VersionConfig(_Section):
     name: str = Field(min_length=1)
     weight: float = 1.0
-    replicas: list[str] = Field(default_factory=list)
+    #: what a managed replica runs (``lmfleet serve MODEL``): a checkpoint directory,
+    #: a GGUF file, ``sim:PROFILE`` or a built-in name (``default``)
+    model: str | None = None
+    #: the rest of its ``lmfleet serve`` flags, as a mapping (``{dtype: float32}``)
+    #: or a list (``["--dtype", "float32"]``)
+    engine_args: dict[str, Any] | list[str] = Field(default_factory=dict)
+    #: environment variables of each managed replica (e.g. OMP_NUM_THREADS)
+    env: dict[str, str] = Field(default_factory=dict)
+    replicas: ReplicaCounts = Field(default_factory=ReplicaCounts)
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)  # type: ignore[valid-type]
+    #: a managed replica not READY this long after its start is replaced
+    load_timeout_s: float = Field(600.0, gt=0)
+    #: how long a drained replica's running requests may take to finish
+    drain_timeout_s: float = Field(60.0, gt=0)
+    #: replicas run outside lmfleet, routed to as they are
+    urls: list[str] = Field(default_factory=list)
     #: the model name the replicas serve, when it differs from the fleet's name
     served_model_name: str | None = None
     #: the replicas' API key (their ``--api-key``), sent as ``Authorization: Bearer``
     #: on generation and tokenize calls; or the environment variable holding it
     api_key: str | None = None
     api_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_list(cls, data: Any) -> Any:
+        """``replicas: [URL, ...]`` (files from before managed versions) means ``urls``."""
+        if isinstance(data, Mapping) and isinstance(data.get("replicas"), list):
+            data = dict(data)
+            if data.get("urls"):
+                raise ValueError("give static replicas once: as urls (replicas is {min, max})")
+            urls = data.pop("replicas")
+            for i, url in enumerate(urls):
+                try:
+                    check_replica_url(url)
+                except ValueError as exc:
+                    raise ValueError(f"replicas[{i}]: {exc}") from None
+            data["urls"] = urls
+        return data
+
+    @model_validator(mode="after")
+    def _managed(self) -> VersionConfig:
+        if self.model is None and self.engine_args:
+            raise ValueError("engine_args needs a model to run (model: ...)")
+        self.serve_args()  # a misspelt flag is an error of the file
+        if self.model is not None:
+            self.policy_config()
+        return self
+
+    def serve_args(self) -> tuple[str, ...]:
+        return engine_flags(self.engine_args)
+
+    def policy_config(self) -> AutoscalingConfig:
+        """The autoscaler policy's config of this version; ``ValueError`` saying what
+        is wrong with a knob."""
+        knobs = self.autoscaling.model_dump(exclude={"enabled", "policy"})
+        try:
+            return AutoscalingConfig(
+                min_replicas=self.replicas.min, max_replicas=self.replicas.max,
+                standby=self.replicas.standby, **knobs,
+            )  # fmt: skip
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def managed(self) -> bool:
+        return self.model is not None
 
     def upstream_key(self) -> str | None:
         if self.api_key is not None:
@@ -119,7 +298,7 @@ class VersionConfig(_Section):
             raise ValueError("must be ≥ 0")
         return v
 
-    @field_validator("replicas")
+    @field_validator("urls")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
         return [check_replica_url(u) for u in urls]
@@ -262,16 +441,39 @@ class GatewayConfig(_Section):
         return None
 
 
+class ProviderConfig(_Section):
+    """Who runs managed replicas: ``local`` (child ``lmfleet serve`` processes on
+    this machine; ``kubernetes`` comes with ``lmfleet deploy``)."""
+
+    kind: Literal["local"] = "local"
+    #: where replica logs, port and pid files go (default: a directory under
+    #: $LMFLEET_HOME/run named after the fleet)
+    run_dir: str | None = None
+    #: the address replicas bind (and the gateway connects to)
+    host: str = "127.0.0.1"
+    #: liveness poll of a started replica
+    poll_interval_s: float = Field(1.0, gt=0)
+    #: how long beyond its drain timeout a replica may take to exit before SIGKILL
+    kill_grace_s: float = Field(10.0, gt=0)
+
+
+class AutoscalerConfig(_Section):
+    #: seconds between two decisions (the reaction time to a burst)
+    interval_s: float = Field(2.0, gt=0)
+    #: decide and log, but start, wake, sleep and stop nothing
+    dry_run: bool = False
+    #: decisions kept for ``GET /admin/autoscaler``
+    history: int = Field(256, ge=1)
+
+
 class FleetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     models: list[ModelConfig] = Field(min_length=1)
-    # owned by other components: accepted here, validated there
-    autoscaler: dict[str, Any] | None = None
-    provider: dict[str, Any] | None = None
-    deploy: dict[str, Any] | None = None
+    provider: ProviderConfig = Field(default_factory=ProviderConfig)
+    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
 
     @model_validator(mode="after")
     def _unique_models(self) -> FleetConfig:
@@ -283,6 +485,10 @@ class FleetConfig(BaseModel):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def managed(self) -> list[tuple[ModelConfig, VersionConfig]]:
+        """The versions whose replicas the autoscaler runs."""
+        return [(m, v) for m in self.models for v in m.versions if v.managed]
 
 
 # ---- loading -------------------------------------------------------------------------------
