@@ -110,3 +110,67 @@ def test_a_stopped_replica_does_not_hold_a_non_streaming_request(replicas):
             os.kill(stopped.proc.pid, signal.SIGCONT)
         assert codes == [200] * 6
         assert timeouts and float(timeouts[0].rsplit(" ", 1)[1]) >= 1
+
+
+def _stream(c: httpx.Client, prompt: str, n: int) -> str:
+    body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    text = []
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                text.append(event["choices"][0]["text"])
+    return "".join(text)
+
+
+def test_streams_resume_past_a_second_dead_replica(tmp_path):
+    """Two of three replicas SIGKILLed at once under streams: a resume that first
+    picks the other dead replica (not ejected yet) goes on to the live one."""
+    import concurrent.futures
+
+    with sim_replicas(tmp_path, 3) as replicas:
+        server, app = gateway_thread(_fleet([r.url for r in replicas], "round_robin"))
+        with server, httpx.Client(base_url=server.url, timeout=120) as c:
+            reg = app.state.gateway.registry
+            wait_for(lambda: len(reg.version("m", "v1").routable()) == 3, 30)
+            prompts = [f"two die {i}" for i in range(9)]
+            reference = [_stream(c, p, 200) for p in prompts]
+            with concurrent.futures.ThreadPoolExecutor(9) as pool:
+                futures = [pool.submit(_stream, c, p, 200) for p in prompts]
+                wait_for(lambda: all(_state(r)["running"] for r in replicas), 30)
+                for r in replicas[:2]:
+                    r.kill()
+                assert [f.result() for f in futures] == reference
+
+
+def test_a_retry_waits_for_a_replica_when_all_failed_at_once(tmp_path):
+    """Every replica gone while a non-streaming request is in flight: its retry
+    waits (up to first_byte_s) and succeeds on the replica started meanwhile,
+    instead of an immediate 502."""
+    import concurrent.futures
+
+    profiles = tmp_path / "profiles.json"
+    with sim_replicas(tmp_path, 1) as (first,):
+        server, app = gateway_thread(_fleet([first.url], timeouts={"first_byte_s": 60}))
+        with server, httpx.Client(base_url=server.url, timeout=120) as c:
+            reg = app.state.gateway.registry
+            wait_for(lambda: len(reg.version("m", "v1").routable()) == 1, 30)
+            body = {"model": "m", "prompt": "outlive", "max_tokens": 400, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                future = pool.submit(c.post, "/v1/completions", json=body)
+                wait_for(lambda: _state(first)["running"] == 1, 30)
+                first.kill()
+                env = {**os.environ, "LMFLEET_SIM_PROFILES": str(profiles)}
+                second = SimReplica(tmp_path, env, "second")
+                try:
+                    second.wait_ready()
+                    reg.add_replica("m", "v1", second.url)
+                    r = future.result()
+                    assert r.status_code == 200, r.text
+                    assert r.json()["usage"]["completion_tokens"] == 400
+                finally:
+                    second.close()

@@ -475,6 +475,8 @@ class Proxy:
                 logger.info("request %s: retry budget exhausted", call.rid)
                 break
             replica = self._pick(call, version)
+            if replica is None and attempt > 0:
+                replica = await self._await_replica(call, version)
             if replica is None:
                 break
             if attempt > 0:
@@ -502,6 +504,26 @@ class Proxy:
             503, f"no ready replica of {version.model}/{version.name}", code="no_replica",
             headers=retry_after(1),
         )  # fmt: skip
+
+    async def _await_replica(self, call: Call, version: VersionEntry) -> ReplicaInfo | None:
+        """A retry that finds no replica it has not tried (they all failed at once, a
+        restart is on the way) waits for one, as a new request waits in the queue:
+        up to ``first_byte_s``, within the request's deadline."""
+        wait_s = self.state.config.gateway.timeouts.first_byte_s
+        if call.deadline is not None:
+            wait_s = min(wait_s, call.deadline - time.perf_counter())
+        if wait_s <= 0:
+            return None
+        logger.info("request %s: no other ready replica of %s/%s; waiting up to %.1f s",
+                    call.rid, version.model, version.name, wait_s)  # fmt: skip
+        deadline = time.perf_counter() + wait_s
+        while not version.views(exclude=call.tried):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(version.changed.wait(), left)
+        return self._pick(call, version)
 
     # ---- non-streaming ----------------------------------------------------------------------
     async def _unary(self, call: Call, send: Send) -> None:
@@ -668,17 +690,39 @@ class Proxy:
     async def _resume(
         self, call: Call, tracker: StreamTracker, send: Send
     ) -> tuple[ReplicaInfo, UpstreamResponse] | None:
+        """Continue the stream on another replica: the next one when the chosen one
+        does not answer (it may be dead too and not ejected yet), waiting up to
+        ``first_byte_s`` once for a replica when none is left."""
         version = call.version
         timeouts = self.state.config.gateway.timeouts
         if call.replica is not None:
             self.state.registry.eject(call.replica, "stream broke")
-        if not version.views(exclude=call.tried):
-            call.tried.clear()  # the failed replica may be back; prefer any routable one
-            await self.state.registry.wait_routable(version.model, version.name,
-                                                    timeouts.first_byte_s)  # fmt: skip
-        replica = self._pick(call, version)
-        if replica is None:
-            raise GatewayError(503, "no other ready replica", code="no_replica")
+        waited = False
+        while True:
+            if not version.views(exclude=call.tried):
+                if waited:
+                    raise GatewayError(503, "no other ready replica", code="no_replica")
+                waited = True
+                call.tried.clear()  # the failed replica may be back; prefer any routable one
+                await self.state.registry.wait_routable(version.model, version.name,
+                                                        timeouts.first_byte_s)  # fmt: skip
+                continue
+            replica = self._pick(call, version)
+            if replica is None:
+                waited = True
+                continue
+            try:
+                return await self._continue_on(call, tracker, send, replica)
+            except resume.ReplicaUnavailable as exc:
+                call.tried.add(replica.url)
+                self.state.registry.eject(replica, f"resume: {exc}")
+                logger.warning("request %s: continuing on %s failed (%s); trying another",
+                               call.rid, replica.url, exc)  # fmt: skip
+
+    async def _continue_on(
+        self, call: Call, tracker: StreamTracker, send: Send, replica: ReplicaInfo
+    ) -> tuple[ReplicaInfo, UpstreamResponse] | None:
+        version = call.version
         upstream_model = version.served_model_name or call.payload["model"]
         body, sent_tokens = await resume.continuation(
             self.state.upstream, replica.url, call.payload, chat=call.chat,
@@ -686,23 +730,19 @@ class Proxy:
             headers=version.upstream_headers,
             timeout=self.state.config.gateway.timeouts.total_s,
         )  # fmt: skip
-        if call.chat and not tracker.sent_any:
-            await send({"type": "http.response.body", "body": tracker.role_chunk(),
-                        "more_body": True})  # fmt: skip
         if body is None:
             out = tracker.finish_chunk("length") + b"data: [DONE]\n\n"
+            if call.chat and not tracker.sent_any:
+                out = tracker.role_chunk() + out
             await send({"type": "http.response.body", "body": out, "more_body": True})
             return None
-        tracker.begin_continuation(sent_tokens, via_completions=True)
-        logger.info("request %s: resuming on %s after %d tokens", call.rid, replica.url,
-                    sent_tokens)  # fmt: skip
         call.tried.add(replica.url)
         replica.inflight += 1
         try:
             resp = await self._attempt(call, replica, COMPLETIONS_PATH, json.dumps(body).encode())
         except _TryElsewhere as exc:
             replica.inflight -= 1
-            raise exc.err from None
+            raise resume.ReplicaUnavailable(f"{exc.err.status} {exc.err.code or ''}") from None
         except BaseException:
             replica.inflight -= 1
             raise
@@ -710,7 +750,15 @@ class Proxy:
             replica.inflight -= 1
             resp.close()
             detail = (resp.content or b"")[:200].decode(errors="replace")
+            if resp.status in RETRY_STATUSES:
+                raise resume.ReplicaUnavailable(f"continuation answered {resp.status}")
             raise GatewayError(502, f"continuation answered {resp.status}: {detail}")
+        if call.chat and not tracker.sent_any:
+            await send({"type": "http.response.body", "body": tracker.role_chunk(),
+                        "more_body": True})  # fmt: skip
+        tracker.begin_continuation(sent_tokens, via_completions=True)
+        logger.info("request %s: resuming on %s after %d tokens", call.rid, replica.url,
+                    sent_tokens)  # fmt: skip
         call.replica = replica
         return replica, resp
 

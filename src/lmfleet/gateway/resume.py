@@ -37,6 +37,11 @@ class CannotResume(Exception):
     """The stream cannot be continued elsewhere; the message says why."""
 
 
+class ReplicaUnavailable(CannotResume):
+    """The replica chosen to continue the stream did not answer (connection failed,
+    timed out, answered 5xx): another replica may continue it."""
+
+
 def resumable(payload: dict[str, Any], chat: bool) -> str | None:
     """None if a stream of this request can be resumed, else why not."""
     if payload.get("n") not in (None, 1):
@@ -75,7 +80,9 @@ async def _tokenize(
                                        timeout=timeout, connect_timeout=timeout,
                                        headers=headers)  # fmt: skip
     except (UpstreamError, TimeoutError) as exc:
-        raise CannotResume(f"/tokenize failed: {type(exc).__name__}") from None
+        raise ReplicaUnavailable(f"/tokenize failed: {type(exc).__name__}") from None
+    if status == 429 or status >= 500:
+        raise ReplicaUnavailable(f"/tokenize answered {status}")
     if status != 200:
         raise CannotResume(f"/tokenize answered {status}")
     try:

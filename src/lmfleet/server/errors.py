@@ -77,6 +77,20 @@ def from_lmfleet(exc: LmfleetError, *, retry_after_s: int = 1) -> ApiError:
     return ApiError(500, str(exc), code="internal_error")
 
 
+def answer_for(exc: Exception, *, retry_after_s: int = 1) -> ApiError:
+    """The error answer the handlers below give for ``exc``; for a failure after the
+    response began (early headers, ``server/early_headers.py``)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, LmfleetError):
+        return from_lmfleet(exc, retry_after_s=retry_after_s)
+    return _internal(exc)
+
+
+def _internal(exc: Exception) -> ApiError:
+    return ApiError(500, f"internal server error: {type(exc).__name__}")
+
+
 def rename_param(exc: RequestRejected, aliases: Mapping[str, str]) -> RequestRejected:
     """Point ``exc.param`` at the field the client actually sent (e.g. the engine says
     ``max_tokens``, the chat request used ``max_completion_tokens``)."""
@@ -195,7 +209,7 @@ def install(app: FastAPI, *, retry_after_s: int = 1, on_rejected: Any = None) ->
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("%s %s failed", request.method, request.url.path)
-        return ApiError(500, f"internal server error: {type(exc).__name__}").response()
+        return _internal(exc).response()
 
     app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]

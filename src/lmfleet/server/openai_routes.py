@@ -37,7 +37,8 @@ from lmfleet.engine.request import FinishReason, RequestOutput, SamplingParams, 
 from lmfleet.engine.template_guard import RenderLimits
 from lmfleet.engine.tokenizer import Tokenizer
 from lmfleet.errors import InvalidSamplingParams, LmfleetError, RequestRejected
-from lmfleet.server.errors import ApiError, from_lmfleet, rename_param
+from lmfleet.server import early_headers
+from lmfleet.server.errors import ApiError, answer_for, from_lmfleet, rename_param
 from lmfleet.server.generation import (
     Choice,
     ClientDisconnected,
@@ -177,8 +178,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     fmt = _ChatFormat(rid, model, tok, gen)
     if body.stream:
         return await _stream(request, gen, fmt, body, aliases, echo_id)
-    await _collect(request, gen, aliases, replica)
-    return _json(fmt.response(), echo_id)
+    return await _answer(request, gen, fmt, aliases, echo_id)
 
 
 async def _chat_prompt_ids(
@@ -272,8 +272,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     fmt = _CompletionFormat(rid, model, tok, gen, echo)
     if body.stream:
         return await _stream(request, gen, fmt, body, aliases, echo_id)
-    await _collect(request, gen, aliases, replica)
-    return _json(fmt.response(), echo_id)
+    return await _answer(request, gen, fmt, aliases, echo_id)
 
 
 # ---- tokenize / detokenize ------------------------------------------------------------------
@@ -398,20 +397,60 @@ def copy_seed(seed: int, i: int) -> int:
     return (seed + i - INT64_MIN) % 2**64 + INT64_MIN
 
 
-async def _collect(
-    request: Request, gen: Generation, aliases: dict[str, str], replica: Replica
-) -> None:
+async def _answer(
+    request: Request,
+    gen: Generation,
+    fmt: _ChatFormat | _CompletionFormat,
+    aliases: dict[str, str],
+    echo_id: str,
+) -> Response:
+    """A non-streaming answer: held until complete, or with early headers when the
+    request asks for them (``server/early_headers.py``)."""
+    replica = _replica(request)
+    retry_after_s = replica.settings.retry_after_s
+
+    async def response() -> dict[str, Any]:
+        await _run_to_end(gen, aliases, retry_after_s)
+        return fmt.response().model_dump(mode="json")
+
+    if not early_headers.requested(request):
+        try:
+            content = await unless_disconnected(request, response())
+        except ClientDisconnected:
+            logger.info("client disconnected; request aborted")
+            raise _Gone from None
+        finally:
+            gen.close()
+        return JSONResponse(content, headers={"X-Request-Id": echo_id})
     try:
-        await unless_disconnected(request, gen.run_to_end())
-    except ClientDisconnected:
-        logger.info("client disconnected; request aborted")
-        raise _Gone from None
+        work = await early_headers.started(response())
+    except BaseException:
+        gen.close()
+        raise
+
+    def fail(exc: Exception) -> ApiError:
+        err = answer_for(exc, retry_after_s=retry_after_s)
+        if err.status >= 500:
+            unexpected = not isinstance(exc, LmfleetError | ApiError)
+            where = f"{request.method} {request.url.path}"
+            logger.error("%s failed after early headers: %s", where, exc, exc_info=unexpected)
+        elif err.status != 429:
+            replica.metrics.record_rejected("invalid")
+        return err
+
+    keepalive_s = replica.settings.early_headers_keepalive_s
+    return early_headers.EarlyJSONResponse(work, fail, gen.close, echo_id, keepalive_s)
+
+
+async def _run_to_end(gen: Generation, aliases: dict[str, str], retry_after_s: int) -> None:
+    """Every choice to its end; raises what the request failed with (503 ``aborted``
+    when the server cut it short)."""
+    try:
+        await gen.run_to_end()
     except RequestRejected as exc:
         raise rename_param(exc, aliases) from None
-    finally:
-        gen.close()
     if any(c.finish_reason is FinishReason.ABORT for c in gen.choices):
-        raise _cut_short(replica.settings.retry_after_s)
+        raise _cut_short(retry_after_s)
 
 
 def _cut_short(retry_after_s: int) -> ApiError:
@@ -427,10 +466,6 @@ def _cut_short(retry_after_s: int) -> ApiError:
 
 def _is_cut(out: RequestOutput) -> bool:
     return out.finished and out.finish_reason is FinishReason.ABORT
-
-
-def _json(model: BaseModel, rid: str) -> JSONResponse:
-    return JSONResponse(model.model_dump(mode="json"), headers={"X-Request-Id": rid})
 
 
 class _Gone(ApiError):

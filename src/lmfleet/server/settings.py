@@ -19,6 +19,7 @@ from lmfleet.engine.config import (
     quantization_setting,
 )
 from lmfleet.errors import ConfigError
+from lmfleet.server.early_headers import KEEPALIVE_S
 
 #: request bodies larger than this get 413 (a 128k-token prompt is well under it)
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
@@ -90,6 +91,10 @@ class ServerSettings:
     strict_request_fields: bool = False
     #: a stream whose client took no data for this long is aborted (its slot freed)
     stream_write_timeout_s: float = 30.0
+    #: a non-streaming answer sent with early headers gets a space this often while it
+    #: generates (docs/gateway.md, "Non-streaming answers and first_byte_s"); tests
+    #: shorten it
+    early_headers_keepalive_s: float = KEEPALIVE_S
     access_log: bool = True
     log_level: str = "info"
     extra_engine: dict[str, object] = field(default_factory=dict)
@@ -117,6 +122,11 @@ class ServerSettings:
             (self.chat_template_timeout_s > 0, "chat_template_timeout_s", "must be positive"),
             (self.chat_template_max_chars > 0, "chat_template_max_chars", "must be positive"),
             (self.stream_write_timeout_s > 0, "stream_write_timeout_s", "must be positive"),
+            (
+                0 < self.early_headers_keepalive_s <= KEEPALIVE_S,
+                "early_headers_keepalive_s",
+                f"must be in (0, {KEEPALIVE_S:g}] (the gateway's contract)",
+            ),
             (0 <= self.port < 65536, "port", "must be in [0, 65535]"),
             (bool(self.version_label), "version_label", "must not be empty"),
             (
