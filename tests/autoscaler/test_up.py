@@ -9,6 +9,8 @@ import concurrent.futures
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -70,6 +72,14 @@ def test_sigterm_drains_streams_and_leaves_no_child(tmp_path: Path) -> None:
         fleet.wait_for(lambda: len(fleet.routable()) == 2, "two routable replicas")
         pids = _pids(fleet)
         reference = stream_text(fleet.url, "drained on the way out", 400)
+        # lmfleet status shows the same fleet (plain lines: stdout is not a terminal)
+        status = subprocess.run(
+            [sys.executable, "-m", "lmfleet.cli", "status", fleet.url],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        line = status.stdout.splitlines()[0]
+        assert line.startswith("chat/v1: replicas 2 ready (2..3 desired 2); queue 0, in flight 0")
+        assert "start 2" in status.stdout  # the first decision
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             future = pool.submit(stream_text, fleet.url, "drained on the way out", 400)
             fleet.wait_for(lambda: sum(r["inflight"] for r in fleet.replicas()) == 1,

@@ -405,8 +405,9 @@ class Controller:
                 self._act(rid, "drain", self._drain(v, by_id[rid]))
 
     def _act(self, rid: str, verb: str, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(rid, verb, coro))
+        task = asyncio.get_running_loop().create_task(coro, name=f"autoscaler-{verb}-{rid}")
         self._actions[rid] = (verb, task)
+        task.add_done_callback(lambda t: self._done(rid, verb, t))
 
     def _spawn_soon(self, coro: Any) -> None:
         with contextlib.suppress(RuntimeError):  # no loop yet: nothing runs to retire
@@ -419,21 +420,19 @@ class Controller:
         if action is not None:
             action[1].cancel()
 
-    async def _run(self, rid: str, verb: str, coro: Any) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except ProviderError as exc:
+    def _done(self, rid: str, verb: str, task: asyncio.Task[None]) -> None:
+        current = self._actions.get(rid)
+        if current is not None and current[1] is task:
+            del self._actions[rid]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ProviderError):
             logger.warning("autoscaler: %s %s: %s", verb, rid, exc)
             self._errors.append(f"{verb} {rid}: {exc}")
-        except Exception as exc:
-            logger.exception("autoscaler: %s %s failed", verb, rid)
+        elif exc is not None:
+            logger.error("autoscaler: %s %s failed", verb, rid, exc_info=exc)
             self._errors.append(f"{verb} {rid}: {type(exc).__name__}: {exc}")
-        finally:
-            current = self._actions.get(rid)
-            if current is not None and current[1] is asyncio.current_task():
-                del self._actions[rid]
 
     async def _bring_up(self, v: _Version, h: ReplicaHandle) -> None:
         ready = await self.provider.wait_ready(h.id)

@@ -183,7 +183,7 @@ def _serve_flags() -> frozenset[str]:
 def engine_flags(args: Mapping[str, Any] | Sequence[str]) -> tuple[str, ...]:
     """``engine_args`` as ``lmfleet serve`` flags: a mapping ``{dtype: float32,
     enforce-eager: true}`` becomes ``--dtype float32 --enforce-eager`` (false leaves
-    a switch out, a list repeats the flag); a list is taken as flags already.
+    a switch out); a list is taken as flags already.
     ``ValueError`` naming the key for a flag ``lmfleet serve`` does not have."""
     if isinstance(args, Mapping):
         flags: list[str] = []
@@ -193,9 +193,8 @@ def engine_flags(args: Mapping[str, Any] | Sequence[str]) -> tuple[str, ...]:
                 flags.append(flag)
             elif value is False or value is None:
                 continue
-            elif isinstance(value, list):
-                for v in value:
-                    flags += [flag, str(v)]
+            elif isinstance(value, list | dict):
+                raise ValueError(f"engine_args.{key}: give one value, not {value!r}")
             else:
                 flags += [flag, str(value)]
     else:
