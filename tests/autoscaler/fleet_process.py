@@ -39,9 +39,13 @@ PROFILE = {
 }
 
 
-def fleet_file(tmp: Path, *, profile: dict[str, Any] | None = None, **version: Any) -> Path:
+def fleet_file(
+    tmp: Path, *, profile: dict[str, Any] | None = None, balancing: str | None = None,
+    **version: Any,
+) -> Path:  # fmt: skip
     """A one-model fleet (``chat``, version ``v1``) of sim replicas; ``version``
-    overrides keys of the version (``replicas``, ``autoscaling``, ...)."""
+    overrides keys of the version (``replicas``, ``autoscaling``, ...), ``balancing``
+    names the model's balancing policy."""
     profiles = tmp / "profiles.json"
     profiles.write_text(json.dumps({"up-test": {**PROFILE, **(profile or {})}}))
     v1: dict[str, Any] = {
@@ -66,10 +70,16 @@ def fleet_file(tmp: Path, *, profile: dict[str, Any] | None = None, **version: A
             v1[key] = {**v1[key], **value}
         else:
             v1[key] = value
+    model: dict[str, Any] = {
+        "name": "chat",
+        "versions": [v1],
+        "queue": {"max_inflight_per_replica": 8, "max_wait_s": 60},
+    }
+    if balancing:
+        model["balancing"] = {"policy": balancing}
     doc = {
         "gateway": {"poll_interval_s": 0.2, "timeouts": {"first_byte_s": 30}},
-        "models": [{"name": "chat", "queue": {"max_inflight_per_replica": 8,
-                                              "max_wait_s": 60}, "versions": [v1]}],
+        "models": [model],
         "autoscaler": {"interval_s": 0.5},
     }  # fmt: skip
     path = tmp / "fleet.yaml"

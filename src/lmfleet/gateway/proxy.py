@@ -508,7 +508,11 @@ class Proxy:
     async def _await_replica(self, call: Call, version: VersionEntry) -> ReplicaInfo | None:
         """A retry that finds no replica it has not tried (they all failed at once, a
         restart is on the way) waits for one, as a new request waits in the queue:
-        up to ``first_byte_s``, within the request's deadline."""
+        up to ``first_byte_s``, within the request's deadline. When a routable replica
+        is left (it answered 429 or 503 for backpressure and stays in rotation), its
+        answer is relayed at once instead."""
+        if version.views():
+            return None
         wait_s = self.state.config.gateway.timeouts.first_byte_s
         if call.deadline is not None:
             wait_s = min(wait_s, call.deadline - time.perf_counter())
