@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
-import time
 
 import pytest
 
@@ -52,9 +52,7 @@ def test_greedy_outputs_match_thread_mode_and_calls_run_in_the_core(tiny_model_d
     async def main(engine_process: bool):
         engine = await started(tiny_model_dir, engine_process=engine_process)
         try:
-            t0 = time.perf_counter()
             results = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
-            print(f"engine_process={engine_process}: {time.perf_counter() - t0:.2f} s")
             long = engine.generate([5] * 20, SamplingParams(max_tokens=500, ignore_eos=True))
             await anext(long)
             with pytest.raises(EngineBusy, match="in flight"):  # the core's own error
@@ -84,7 +82,7 @@ def test_greedy_outputs_match_thread_mode_and_calls_run_in_the_core(tiny_model_d
 async def wait_idle_then(engine: AsyncEngine, fn):
     """``fn()`` once the aborted request is gone (its abort reaches the core first)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + 30
     while True:
         try:
             return await fn()
@@ -162,19 +160,23 @@ def test_exception_in_step_kills_engine(tiny_model_dir):
     assert _gone(run(main()))
 
 
-def test_shutdown_stops_the_child(tiny_model_dir):
+def test_shutdown_stops_the_child(tiny_model_dir, caplog):
     async def main():
         engine = await started(tiny_model_dir)
         assert engine.ready and not engine.is_dead
         pid = _pid(engine)
         assert not _gone(pid)
-        t0 = time.monotonic()
         await engine.shutdown()
-        return pid, time.monotonic() - t0
+        link = engine._link
+        assert isinstance(link, CoreProcessClient) and link._proc is not None
+        return pid, link._proc.exitcode
 
-    pid, seconds = run(main())
+    with caplog.at_level(logging.WARNING, logger="lmfleet.engine.core_process"):
+        pid, exitcode = run(main())
     assert _gone(pid)
-    assert seconds < 10
+    # it stopped on the SHUTDOWN command (status 0), not by the kill after the timeout
+    assert exitcode == 0
+    assert "killing it" not in caplog.text
 
 
 def test_load_error_is_raised_in_the_parent(tmp_path):

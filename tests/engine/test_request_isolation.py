@@ -185,8 +185,10 @@ def test_failed_request_raises_request_failed_and_the_engine_goes_on(
             results = await asyncio.gather(bad, *others, return_exceptions=True)
             after = await collect(engine, PROMPTS[0], GREEDY)
             stats = engine.stats()
-            for _ in range(200):  # the last step's stats may still be on their way
-                if stats.num_free_blocks == stats.num_blocks:
+            deadline = asyncio.get_running_loop().time() + 30
+            # the last step's stats may still be on their way
+            while stats.num_free_blocks != stats.num_blocks:
+                if asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.01)
                 stats = engine.stats()

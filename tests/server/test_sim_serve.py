@@ -113,6 +113,14 @@ def test_profiles_file(tmp_path, monkeypatch):
 
 
 # ---- the server process ---------------------------------------------------------------
+async def _poll_state(http: httpx.AsyncClient, done, timeout: float = 30.0) -> dict:
+    """``/state`` once ``done(state)`` holds; fails after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done(state := (await http.get("/state")).json()):
+        assert loop.time() < deadline, f"condition not met: {state}"
+        await asyncio.sleep(0.02)
+    return state
 
 
 @pytest.mark.integration
@@ -141,7 +149,8 @@ def test_state_and_metrics_show_profile(server):
     expected_load = PROFILE["load_s"] / SCALE
     state = server.state()
     assert state["model"] == MODEL and state["state"] == "ready"
-    assert expected_load * 0.95 <= state["load_seconds"] < expected_load + 1.0
+    # the simulated load waits at least its profile time (no upper bound: load slows it)
+    assert state["load_seconds"] >= expected_load * 0.999
     assert state["max_model_len"] == PROFILE["max_model_len"]
     blocks = PROFILE["kv_capacity_tokens"] // BLOCK_SIZE
     assert state["kv_blocks_total"] == blocks
@@ -167,8 +176,10 @@ def test_sleep_and_wake_take_profile_times(server):
 
     sleep_s, wake_s = PROFILE["sleep_s"] / SCALE, PROFILE["wake_s"] / SCALE
     reported_sleep, reported_wake = slept.json()["sleep_seconds"], woke.json()["wake_seconds"]
-    assert sleep_s * 0.95 <= reported_sleep < sleep_s + 0.5 and sleep_wall >= reported_sleep
-    assert wake_s * 0.95 <= reported_wake < wake_s + 0.5 and wake_wall >= reported_wake
+    # lower bounds only, each physically guaranteed: the simulator waits at least its
+    # profile time, and the server's measure lies inside the client's round trip
+    assert sleep_wall >= reported_sleep >= sleep_s * 0.999
+    assert wake_wall >= reported_wake >= wake_s * 0.999
     state = server.state()
     assert (state["last_sleep_seconds"], state["last_wake_seconds"]) == (
         reported_sleep,
@@ -211,9 +222,8 @@ def test_sigterm_drains_streams_mid_way(sim_fleet):
             tasks = [asyncio.create_task(one(client)) for _ in range(num_streams)]
             await asyncio.wait_for(started.wait(), 30)
             server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
-            state = httpx.get(f"{server.url}/state").json()
-            assert state["state"] == "draining" and state["in_flight_requests"] == num_streams
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                await _poll_state(http, lambda st: st["state"] == "draining")
             with pytest.raises(openai.APIStatusError) as err:
                 await client.completions.create(**_request(2))
             assert err.value.status_code == 503
@@ -221,5 +231,8 @@ def test_sigterm_drains_streams_mid_way(sim_fleet):
 
     results = asyncio.run(run())
     assert results == [(max_tokens, "length")] * num_streams
-    assert server.proc.wait(timeout=30) == 0
-    assert "drained: every request finished" in server.logs()
+    assert server.proc.wait(timeout=60) == 0
+    logs = server.logs()
+    # the count the server took when the drain began: every stream was mid-way
+    assert f"draining: {num_streams} requests in flight" in logs, logs
+    assert "drained: every request finished" in logs

@@ -8,6 +8,7 @@ import pytest
 from lmfleet.engine.llm import LLM
 from lmfleet.engine.request import SamplingParams
 from lmfleet.engine.sim import PROFILES, sim_token
+from lmfleet.engine.sim import runner as sim_runner
 from lmfleet.engine.sim.tokenizer import EOS_ID, FIRST_WORD_ID
 from lmfleet.errors import ConfigError
 
@@ -65,24 +66,50 @@ def test_eos_probability_and_ignore_eos():
     assert sim_token(0, 5, (1, 2), 2000, 0.0) != EOS_ID
 
 
-def test_step_time_follows_profile():
+class FakeClock:
+    """Stands in for the ``time`` module inside the sim runner: it reads a virtual
+    clock that moves only when the runner sleeps, so a run's "wall" time is exactly
+    the time the runner chose to wait, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+
+BATCH = [[10 + i] * 50 for i in range(8)]
+# 1 prefill step (400 tokens) + 39 decode steps of 8 sequences
+BATCH_SECONDS = FAST.step_seconds(400, 0, 0) + 39 * FAST.step_seconds(0, 8, 0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_step_time_follows_profile(monkeypatch, scale):
+    clock = FakeClock()
+    monkeypatch.setattr(sim_runner, "time", clock)
+    llm = LLM("sim:test-fast", progress=False, sim_time_scale=scale)
+    assert clock.now == pytest.approx(FAST.load_s / scale)  # the load waits its profile time
+    runner = llm.core.runner
+    before, start = runner.seconds_simulated, clock.now
+    llm.generate(BATCH, params(max_tokens=40))
+    simulated = runner.seconds_simulated - before
+    assert simulated == pytest.approx(BATCH_SECONDS, rel=1e-6)  # profile time, unscaled
+    assert clock.now - start == pytest.approx(BATCH_SECONDS / scale, rel=1e-6)  # paced by scale
+
+
+def test_steps_take_at_least_their_profile_time_on_the_real_clock():
     llm = LLM("sim:test-fast", progress=False)
-    llm.generate([[10, 11]], params(max_tokens=2))  # warm up
     runner = llm.core.runner
     before = runner.seconds_simulated
     t0 = time.perf_counter()
-    llm.generate([[10 + i] * 50 for i in range(8)], params(max_tokens=40))
+    llm.generate(BATCH, params(max_tokens=40))
     wall = time.perf_counter() - t0
     simulated = runner.seconds_simulated - before
-    # 1 prefill step (400 tokens) + 39 decode steps of 8 sequences
-    expected = FAST.step_seconds(400, 0, 0) + 39 * FAST.step_seconds(0, 8, 0)
-    assert simulated == pytest.approx(expected, rel=1e-6)
-    assert 0.9 < wall / simulated < 2.0
-
-    fast = LLM("sim:test-fast", progress=False, sim_time_scale=10)
-    t0 = time.perf_counter()
-    fast.generate([[10 + i] * 50 for i in range(8)], params(max_tokens=40))
-    assert (time.perf_counter() - t0) < wall / 3
+    assert simulated == pytest.approx(BATCH_SECONDS, rel=1e-6)
+    assert wall >= simulated * (1 - 1e-6)  # a lower bound only: load makes it longer
 
 
 def test_small_kv_capacity_queues_and_preempts():
