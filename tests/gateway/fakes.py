@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lmfleet.fleet.config import parse_config
+from lmfleet.fleet.replica_status import ReplicaStatusReport
 from tests.server_thread import ServerThread
 
 
@@ -76,11 +77,12 @@ class FakeReplica:
         )
 
     async def _state(self, request: Request) -> Response:
-        return JSONResponse({
-            "state": self.state, "ready": self.state == "ready" and not self.dead,
-            "running": self.running, "waiting": 0, "kv_cache_usage": 0.1,
-            "prefix_cache_hit_rate": 0.0, "engine_dead": self.dead,
-        })  # fmt: skip
+        report = ReplicaStatusReport(
+            state=self.state, ready=self.state == "ready" and not self.dead,
+            model=self.name, running=self.running, kv_cache_usage=0.1,
+            engine_dead=self.dead,
+        )  # fmt: skip
+        return JSONResponse(report.model_dump(mode="json"))
 
     def _error(self, status: int, code: str | None, message: str) -> JSONResponse:
         return JSONResponse(

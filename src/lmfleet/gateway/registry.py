@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from lmfleet.fleet.config import (
     FleetConfig,
     ModelConfig,
@@ -48,6 +50,7 @@ from lmfleet.fleet.config import (
     check_replica_url,
     check_weight,
 )
+from lmfleet.fleet.replica_status import ReplicaStatusReport, describe_errors
 from lmfleet.gateway.policies.admission import AdmissionQueue
 from lmfleet.gateway.policies.balance import Balancer, ReplicaView, make_balancer
 from lmfleet.gateway.upstream import ConnectFailed, UpstreamError, UpstreamPool
@@ -472,19 +475,22 @@ class Registry:
             return
         replica.poll_failures = 0
         replica.last_poll = self._clock()
-        if not isinstance(data, dict):
+        if status != 200:
             self._set_unroutable(replica, "unknown", f"/state answered {status}")
             return
-        replica.running = int(data.get("running") or 0)
-        replica.waiting = int(data.get("waiting") or 0)
-        replica.kv_usage = float(data.get("kv_cache_usage") or 0.0)
-        replica.prefix_hit_rate = float(data.get("prefix_cache_hit_rate") or 0.0)
-        state = str(data.get("state", "unknown"))
-        if data.get("engine_dead"):
-            state = ENGINE_DEAD
-        if state == _READY and data.get("ready", True) and not replica.in_rotation:
+        try:
+            report = ReplicaStatusReport.model_validate(data)
+        except ValidationError as exc:
+            self._set_unroutable(replica, "unknown", f"/state is malformed: {describe_errors(exc)}")
+            return
+        replica.running = report.running
+        replica.waiting = report.waiting
+        replica.kv_usage = report.kv_cache_usage
+        replica.prefix_hit_rate = report.prefix_cache_hit_rate
+        state: str = ENGINE_DEAD if report.engine_dead else report.state
+        if state == _READY and report.ready and not replica.in_rotation:
             replica.state = state  # READY, but leaving: no new traffic
-        elif state == _READY and data.get("ready", True):
+        elif state == _READY and report.ready:
             if not replica.routable:
                 logger.info("replica %s (%s/%s) is ready", replica.url, replica.model,
                             replica.version)  # fmt: skip

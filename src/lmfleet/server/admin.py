@@ -3,7 +3,9 @@
 - ``GET /health/live``: 200 while the process can make progress, also while the
   model loads (503 only when the engine loop died).
 - ``GET /health/ready`` and ``GET /health``: 200 only when READY, else 503.
-- ``GET /state``: JSON for the gateway and the autoscaler (no Prometheus parsing).
+- ``GET /state``: JSON for the gateway and the autoscaler (no Prometheus parsing): a
+  :class:`~lmfleet.fleet.replica_status.ReplicaStatusReport`; the admin actions
+  answer the same document plus their own keys.
 - ``GET /metrics``: Prometheus text.
 - ``POST /admin/drain`` (optional ``?timeout=`` seconds), ``/admin/sleep``,
   ``/admin/wake``: need the admin token when one is configured (else the API key,
@@ -30,7 +32,8 @@ def _replica(request: Request) -> Replica:
 
 
 def _state_response(replica: Replica, status: int = 200, **extra: Any) -> JSONResponse:
-    return JSONResponse({**replica.state_dict(), **extra}, status_code=status)
+    report = replica.status_report().model_dump(mode="json")
+    return JSONResponse({**report, **extra}, status_code=status)
 
 
 @router.get("/health/live")

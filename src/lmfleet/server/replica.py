@@ -21,13 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from typing import Any
 
 from lmfleet.engine.client import EngineClient, connect_engine
 from lmfleet.engine.request import FinishReason, SamplingParams
 from lmfleet.engine.stats import EngineStats
 from lmfleet.engine.tokenizer import Tokenizer
 from lmfleet.errors import EngineBusy
+from lmfleet.fleet.replica_status import ReplicaLimits, ReplicaStatusReport
 from lmfleet.server.errors import ApiError
 from lmfleet.server.lifecycle import Lifecycle, ReplicaState
 from lmfleet.server.metrics import ReplicaMetrics
@@ -138,48 +138,49 @@ class Replica:
             code="model_not_found",
         )
 
-    def state_dict(self) -> dict[str, Any]:
+    def status_report(self) -> ReplicaStatusReport:
+        """What ``GET /state`` reports (every field set)."""
         s = self.stats()
         st = self.settings
-        return {
-            "state": self.state.value,
-            "ready": self.ready,
-            "model": st.model_name,
-            "served_model_names": list(st.served_model_names),
-            "model_path": st.model,
-            "version": st.version_label,
-            "seconds_in_state": round(self.lifecycle.seconds_in_state, 3),
-            "uptime_seconds": round(time.monotonic() - self._created, 3),
-            "running": s.num_running if s else 0,
-            "waiting": s.num_waiting if s else 0,
-            "in_flight_requests": self.in_flight_requests,
-            "in_flight_sequences": self.in_flight_seqs,
-            "kv_cache_usage": s.kv_usage if s else 0.0,
-            "kv_blocks_total": s.num_blocks if s else 0,
-            "kv_blocks_free": s.num_free_blocks if s else 0,
-            "kv_blocks_in_use": (s.num_blocks - s.num_free_blocks) if s else 0,
-            "prefix_cache_hit_rate": s.prefix_hit_rate if s else 0.0,
-            "num_preemptions": s.num_preemptions if s else 0,
-            "max_model_len": self.max_model_len,
-            "load_seconds": self.load_seconds,
-            "load_bytes": self.load_bytes,
-            "load_bytes_per_second": (
+        return ReplicaStatusReport(
+            state=self.state.value,
+            ready=self.ready,
+            model=st.model_name,
+            served_model_names=list(st.served_model_names),
+            model_path=st.model,
+            version=st.version_label,
+            seconds_in_state=round(self.lifecycle.seconds_in_state, 3),
+            uptime_seconds=round(time.monotonic() - self._created, 3),
+            running=s.num_running if s else 0,
+            waiting=s.num_waiting if s else 0,
+            in_flight_requests=self.in_flight_requests,
+            in_flight_sequences=self.in_flight_seqs,
+            kv_cache_usage=s.kv_usage if s else 0.0,
+            kv_blocks_total=s.num_blocks if s else 0,
+            kv_blocks_free=s.num_free_blocks if s else 0,
+            kv_blocks_in_use=(s.num_blocks - s.num_free_blocks) if s else 0,
+            prefix_cache_hit_rate=s.prefix_hit_rate if s else 0.0,
+            num_preemptions=s.num_preemptions if s else 0,
+            max_model_len=self.max_model_len,
+            load_seconds=self.load_seconds,
+            load_bytes=self.load_bytes,
+            load_bytes_per_second=(
                 self.load_bytes / self.load_seconds
                 if self.load_bytes is not None and self.load_seconds
                 else None
             ),
-            "startup_seconds": self.startup_seconds,
-            "last_sleep_seconds": self.last_sleep_seconds,
-            "last_wake_seconds": self.last_wake_seconds,
-            "engine_dead": self.engine_dead,
-            "error": self.error,
-            "limits": {
-                "max_concurrent_requests": st.max_concurrent_requests,
-                "max_waiting_requests": st.max_waiting_requests,
-                "max_num_seqs": st.max_num_seqs,
-                "drain_timeout_s": st.drain_timeout_s,
-            },
-        }
+            startup_seconds=self.startup_seconds,
+            last_sleep_seconds=self.last_sleep_seconds,
+            last_wake_seconds=self.last_wake_seconds,
+            engine_dead=self.engine_dead,
+            error=self.error,
+            limits=ReplicaLimits(
+                max_concurrent_requests=st.max_concurrent_requests,
+                max_waiting_requests=st.max_waiting_requests,
+                max_num_seqs=st.max_num_seqs,
+                drain_timeout_s=st.drain_timeout_s,
+            ),
+        )
 
     # ---- loading ------------------------------------------------------------------------
     async def load(self) -> None:
