@@ -376,7 +376,7 @@ def test_shadow_copies_only_use_spare_capacity():
 
             codes = list(pool.map(one, range(60)))
             assert codes == [200] * 60
-            wait_for(lambda: not app.state.proxy._shadows)
+            wait_for(lambda: not app.state.proxy.shadows.in_flight)
             sent = metric(c, "lmfleet_gateway_shadow_requests_total", outcome="ok")
             skipped = metric(c, "lmfleet_gateway_shadow_skipped_total", reason="no_capacity")
             assert skipped >= 1 and sent + skipped == 30

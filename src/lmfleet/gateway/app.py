@@ -34,9 +34,10 @@ from lmfleet import __version__
 from lmfleet.errors import ConfigError
 from lmfleet.fleet.config import FleetConfig, RolloutConfig, check_replica_url, load_config
 from lmfleet.gateway import abstats, errors
+from lmfleet.gateway.call import CHAT_PATH, COMPLETIONS_PATH
 from lmfleet.gateway.errors import GatewayError
 from lmfleet.gateway.metrics import CONTENT_TYPE
-from lmfleet.gateway.proxy import CHAT_PATH, COMPLETIONS_PATH, Proxy
+from lmfleet.gateway.proxy import Proxy
 from lmfleet.gateway.registry import UnknownTarget, replica_id_of
 from lmfleet.gateway.rollout_runner import RolloutConflict, RolloutRunner, plan_from_config
 from lmfleet.gateway.state import FeedbackExists, GatewayState
