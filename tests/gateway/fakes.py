@@ -59,6 +59,9 @@ class FakeReplica:
     #: heartbeat_s while "generating", then the body (or a late error with "status")
     early_headers: bool = False
     heartbeat_s: float = 0.05
+    #: with early headers, drop the connection after the first heartbeat (a replica
+    #: that dies while it generates a non-streaming answer)
+    break_unary: bool = False
     #: drop the connection after this many chunks (original requests only: a
     #: continuation, whose prompt is token ids, always completes)
     break_after: int | None = None
@@ -157,6 +160,9 @@ class FakeReplica:
     async def _early(
         self, rid: str, body: dict[str, Any], chat: bool, n: int, start: int, poisoned: bool
     ):
+        if self.break_unary:
+            yield " "
+            raise _Broken(self.name)
         loop = asyncio.get_running_loop()
         end = loop.time() + self.delay_s
         while loop.time() < end:

@@ -175,6 +175,29 @@ def test_early_headers_keep_a_long_non_streaming_answer_within_first_byte_s():
                                           "param": None, "code": "request_failed"}}  # fmt: skip
 
 
+def test_a_replica_whose_answer_breaks_off_is_ejected_and_the_request_retried():
+    """A replica that sent its early headers and then dropped the connection (it
+    died while generating) is out of rotation at once, so neither this request's
+    retry nor the next requests spend an attempt on it; its next READY poll would
+    bring it back."""
+    dying = FakeReplica("dying", early_headers=True, break_unary=True)
+    live = FakeReplica("live")
+    doc = fleet({"v1": []}, balancing={"policy": "round_robin"},
+                gateway={"poll_interval_s": 3600})  # fmt: skip
+    with running(dying, live) as (sd, sl):
+        doc["models"][0]["versions"][0]["replicas"] = [sd.url, sl.url]
+        with gateway(doc) as (c, app):
+            ready(app)
+            for i in range(4):
+                r = _post(c, f"p{i}")
+                assert r.status_code == 200 and "live" in r.json()["id"], r.text
+            assert len(dying.requests) == 1  # tried once, then never again
+            info = app.state.gateway.registry.version("m", "v1").replicas[sd.url]
+            assert not info.routable
+            assert info.last_error == "its answer broke off (Disconnected)"
+            assert metric(c, "lmfleet_gateway_retries_total", reason="upstream_error") == 1
+
+
 def test_a_hold_past_first_byte_s_without_early_headers_is_tried_elsewhere():
     """The semantics without early headers: no response headers within first_byte_s
     is a hung replica, whatever the request."""

@@ -324,7 +324,7 @@ class Proxy:
             )) from None  # fmt: skip
         try:
             if not call.stream or resp.status != 200:
-                await self._read_answer(call, resp)
+                await self._read_answer(call, replica, resp)
             return self._judge_answer(call, replica, resp)
         except BaseException:
             resp.close()
@@ -335,7 +335,7 @@ class Proxy:
         return GatewayError(504, f"no complete answer within total_s ({total:g} s)",
                             code="upstream_timeout")  # fmt: skip
 
-    async def _read_answer(self, call: Call, resp: UpstreamResponse) -> None:
+    async def _read_answer(self, call: Call, replica: ReplicaInfo, resp: UpstreamResponse) -> None:
         """The whole body into ``resp.content``: within the request's deadline, and
         with no silence over ``idle_s`` once the replica sent early headers (it
         then sends a whitespace heartbeat while it generates)."""
@@ -355,6 +355,9 @@ class Proxy:
                 code="upstream_timeout",
             )) from None  # fmt: skip
         except UpstreamError as exc:  # it died after its headers: nothing reached the client
+            # out of rotation until its next READY poll: the other tries of this and of
+            # every other request must not spend their attempts on a dead replica
+            self.state.registry.eject(replica, f"its answer broke off ({type(exc).__name__})")
             raise TryElsewhere(GatewayError(
                 502, f"the replica's answer broke off ({type(exc).__name__})",
                 code="upstream_error",
