@@ -285,6 +285,20 @@ def test_standby_is_woken_before_any_cold_start():
     assert d.standby == 2
 
 
+def test_a_sleeper_serves_before_a_refill_that_is_still_starting():
+    """The pool's refill is a cold start; when load needs one more replica while it
+    starts, the sleeper is woken (seconds) and the starting replica takes its place
+    in the pool, instead of the load waiting out the cold start."""
+    cfg = AutoscalingConfig(max_replicas=6, standby=1, target_per_replica=8)
+    fleet = (view("a", in_flight=8), view("b", in_flight=8), view("s", ASLEEP, since=1.0),
+             view("c", STARTING, since=90.0))  # fmt: skip
+    state = settle(cfg, view("a"), view("b"), view("s", ASLEEP, since=1.0))
+    d = decide(observe(102.0, *fleet, queue=8), cfg, state)
+    assert d.desired == 3
+    assert d.wake == ("s",) and d.start == 0 and d.drain == ()
+    assert d.standby == 1  # c, once READY, is the pool
+
+
 def test_the_pool_shrinks_before_max_replicas_is_passed():
     cfg = AutoscalingConfig(max_replicas=4, standby=2)
     fleet = (view("a"), view("s1", ASLEEP), view("s2", ASLEEP))
@@ -688,7 +702,11 @@ def enough_coming(draw):
 def test_no_start_while_enough_capacity_is_coming(case):
     cfg, replicas, queue = case
     d = decide(observe(0.0, *replicas, queue=queue), cfg, PolicyState())
-    assert d.inputs["start_cold"] == 0 and not d.wake
+    assert d.inputs["start_cold"] == 0
+    # a sleeper may be woken only to serve in place of a replica still starting
+    # (which then joins the pool): never on top of READY + WAKING + STARTING
+    starting = sum(r.state is STARTING for r in replicas)
+    assert len(d.wake) <= starting
 
 
 def test_no_start_while_the_last_scale_up_loads_and_arrivals_hold():

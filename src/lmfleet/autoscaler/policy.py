@@ -21,7 +21,8 @@ One decision, in order (docs/autoscaler.md explains each rule and knob):
    no more are started unless the load outgrew them by the panic factor and (when
    known) the arrival rate grew since.
 5. **reconcile** the replicas to ``desired`` serving plus ``standby`` asleep: wake
-   sleepers before cold starts, then start cold ones to refill the pool; above
+   sleepers before counting replicas still starting (those join the pool instead)
+   and before cold starts, then start cold ones to refill the pool; above
    ``desired``, cancel starting replicas, then put the least-busy READY ones to sleep
    while the pool is short and drain the rest.
 """
@@ -405,15 +406,25 @@ def _reconcile(fleet: _Fleet, desired: int, cfg: AutoscalingConfig) -> _Plan:
     """Actions that bring the replicas to ``desired`` serving + the standby pool."""
     pool = max(0, min(cfg.standby, cfg.max_replicas - desired))
     coming = fleet.coming
-    if desired >= coming:
-        wake = fleet.asleep[: desired - coming]
+    warm = len(fleet.ready) + len(fleet.waking)
+    if desired >= warm:
+        # sleepers first (seconds), then the replicas already starting, then cold
+        # starts; starting replicas left over (a refill of the pool) join the pool
+        # instead of standing in for a sleeper that could serve now
+        need = desired - warm
+        wake = fleet.asleep[:need]
         asleep = fleet.asleep[len(wake) :]
+        for_serving = min(len(fleet.starting), need - len(wake))
+        spare = len(fleet.starting) - for_serving
+        excess = max(0, len(asleep) + spare - pool)
+        cancel = fleet.starting[: min(excess, spare)]  # newest first: least progress lost
+        keep_asleep = max(0, pool - (spare - len(cancel)))
         return _Plan(
             pool=pool,
             wake=_ids(wake),
-            cold=desired - coming - len(wake),
-            refill=max(0, pool - len(asleep)),
-            drain=_ids(asleep[pool:]),
+            cold=need - len(wake) - for_serving,
+            refill=max(0, pool - len(asleep) - spare),
+            drain=_ids(cancel) + _ids(asleep[keep_asleep:]),
         )
     surplus = coming - desired
     room = max(0, pool - len(fleet.asleep))
