@@ -325,3 +325,22 @@ async def test_standby_sleeps_once_idle_and_wakes_before_a_cold_start(rig):
     assert woken.in_rotation and woken.routable
     assert controller.versions["chat/v1"].wake[-1] == 0.5
     await controller.close()
+
+
+@run_async
+async def test_policy_keda_is_decided_by_the_keda_baseline(rig):
+    config = _fleet(autoscaling={"policy": "keda", "keda": {"threshold": 2}})
+    controller, provider, state, clock, polls = rig(config)
+    (first,) = await controller.tick()
+    assert first.start == 1 and "sampled" in first.inputs  # the baseline's inputs
+    provider.set("r1", ReplicaStatus.READY, url="http://127.0.0.1:9001")
+    polls["http://127.0.0.1:9001"] = {"state": "ready", "running": 4, "waiting": 6}
+    await _settle()
+    await state.registry.poll_replica(state.registry.replica_by_provider_id("r1"))
+    clock.t += 15  # the next poll and HPA sync: 6 waiting at 2 per replica
+    (up,) = await controller.tick()
+    assert (up.desired, up.start) == (3, 2) and up.reason.startswith("up 1→3: HPA")
+    snap = await controller.snapshot()
+    assert snap["versions"]["chat/v1"]["policy"] == "keda"
+    assert snap["versions"]["chat/v1"]["standby"] == 0
+    await controller.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lmfleet.autoscaler.baselines import KedaConfig
 from lmfleet.autoscaler.controller import replica_spec
 from lmfleet.autoscaler.observation import AutoscalingConfig
 from lmfleet.errors import ConfigError
@@ -53,6 +54,34 @@ def test_the_autoscaling_section_has_the_policy_defaults():
     vcfg = parse_config(_version(model="default")).models[0].versions[0]
     assert vcfg.policy_config() == AutoscalingConfig()
     assert vcfg.autoscaling.enabled is True
+
+
+def test_policy_keda_takes_the_knobs_of_its_section():
+    vcfg = parse_config(_version(
+        model="default", replicas={"min": 0, "max": 6}, drain_timeout_s=30,
+        autoscaling={"policy": "keda", "keda": {"polling_interval_s": 30, "threshold": 5}},
+    )).models[0].versions[0]  # fmt: skip
+    assert vcfg.policy_config() == KedaConfig(min_replicas=0, max_replicas=6, polling_interval_s=30)
+    defaults = parse_config(_version(model="default", autoscaling={"policy": "keda"}))
+    assert defaults.models[0].versions[0].policy_config() == KedaConfig()
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "replicas", "expected"),
+    [
+        ({"keda": {"threshold": 3}}, {}, "keda: only applies with policy: keda"),
+        ({"policy": "keda", "target_per_replica": 3}, {},
+         "target_per_replica: knob(s) of policy lmfleet, not read with policy keda"),
+        ({"policy": "keda", "keda": {"treshold": 3}}, {},
+         "autoscaling.keda.treshold: unknown key"),
+        ({"policy": "keda", "keda": {"tolerance": 2}}, {}, "autoscaling.keda.tolerance must be in"),
+        ({"policy": "keda"}, {"max": 3, "standby": 1}, "policy keda keeps no standby"),
+    ],
+)  # fmt: skip
+def test_policy_keda_errors_show_the_fix(autoscaling, replicas, expected):
+    doc = _version(model="default", autoscaling=autoscaling, **({"replicas": replicas}
+                                                                   if replicas else {}))  # fmt: skip
+    assert expected in _errors(doc)
 
 
 def test_served_model_name_is_what_the_replicas_serve():

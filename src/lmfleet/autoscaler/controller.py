@@ -15,7 +15,9 @@ version (one that names a ``model``):
    waiting`` (each lags the other by a poll). The version's queue is the gateway's
    admission queue; arrival rate and TTFT/TPOT p90 come from the gateway's recent
    window; time-to-ready and wake time are measured here.
-3. **decide**: :func:`lmfleet.autoscaler.policy.decide`, pure; the decision, its
+3. **decide**: the version's policy (``autoscaling.policy``), pure:
+   :func:`lmfleet.autoscaler.policy.decide` (``lmfleet``) or the KEDA + HPA baseline
+   :func:`lmfleet.autoscaler.baselines.keda_hpa` (``keda``); the decision, its
    reason and inputs go to the log (when it acts or ``desired`` changes) and to a
    bounded history (``GET /admin/autoscaler``).
 4. **act** (not in dry-run), each action a task of its own so a slow one never holds
@@ -46,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmfleet.autoscaler.baselines import KedaConfig, KedaState, keda_hpa
 from lmfleet.autoscaler.observation import (
     AutoscalingConfig,
     Decision,
@@ -72,6 +75,12 @@ logger = logging.getLogger(__name__)
 _MEASUREMENTS = 8
 #: how often a replica waiting to be put to sleep is checked for idleness
 _IDLE_POLL_S = 0.2
+
+#: a policy: (observation, its config, its state or None) -> decision
+Decider = Callable[[VersionObservation, Any, Any], Decision]
+
+#: ``autoscaling.policy`` -> the function that decides
+POLICIES: dict[str, Decider] = {"lmfleet": decide, "keda": keda_hpa}
 
 
 def version_key(model: str, version: str) -> str:
@@ -125,9 +134,13 @@ class _Version:
     model: str
     name: str
     spec: ReplicaSpec
-    policy: AutoscalingConfig
+    #: ``autoscaling.policy``, its function and its config
+    policy_name: str
+    decide: Decider
+    policy: AutoscalingConfig | KedaConfig
     enabled: bool
-    state: PolicyState = field(default_factory=PolicyState)
+    #: the policy's state (None before its first decision)
+    state: PolicyState | KedaState | None = None
     last: Decision | None = None
     #: the last decision put in the history
     last_kept: DecisionRecord | None = None
@@ -197,12 +210,16 @@ class Controller:
         for mcfg, vcfg in config.managed():
             key = version_key(mcfg.name, vcfg.name)
             old = self.versions.get(key)
+            name = vcfg.autoscaling.policy
             v = _Version(
                 model=mcfg.name, name=vcfg.name, spec=replica_spec(mcfg, vcfg),
-                policy=vcfg.policy_config(), enabled=vcfg.autoscaling.enabled,
+                policy_name=name, decide=POLICIES[name], policy=vcfg.policy_config(),
+                enabled=vcfg.autoscaling.enabled,
             )  # fmt: skip
             if old is not None:
-                v.state, v.last, v.last_kept = old.state, old.last, old.last_kept
+                if old.policy_name == name:  # another policy starts from its own state
+                    v.state = old.state
+                v.last, v.last_kept = old.last, old.last_kept
                 v.time_to_ready, v.wake, v.measured = old.time_to_ready, old.wake, old.measured
             wanted[key] = v
         gone = set(self.versions) - set(wanted)
@@ -260,7 +277,7 @@ class Controller:
             if not v.enabled:
                 continue
             obs = self.observe(v, mine)
-            decision = decide(obs, v.policy, v.state)
+            decision = v.decide(obs, v.policy, v.state)
             v.state, v.last = decision.state, decision
             record = self._record(v, decision)
             records.append(record)
@@ -500,6 +517,7 @@ class Controller:
                 "model": v.model,
                 "version": v.name,
                 "enabled": v.enabled,
+                "policy": v.policy_name,
                 "min": v.policy.min_replicas,
                 "max": v.policy.max_replicas,
                 "standby": v.policy.standby,

@@ -19,8 +19,12 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmfleet.errors import ConfigError, LmfleetError
+
+if TYPE_CHECKING:
+    from lmfleet.autoscaler.baselines import KedaState
 
 
 class InvalidObservation(LmfleetError):
@@ -301,7 +305,8 @@ class Decision:
     in ``sleep``. ``wake``: ASLEEP replicas to wake. ``sleep``: READY replicas to take
     out of rotation and put to sleep once idle. ``drain``: replicas to take out of
     rotation, drain and stop (STARTING ones are stopped, ASLEEP ones just stopped).
-    ``inputs``: every number the decision used. ``state``: pass it to the next call.
+    ``inputs``: every number the decision used. ``state``: pass it to the next call
+    (the state of the policy that decided: a baseline keeps its own).
     """
 
     desired: int
@@ -312,7 +317,7 @@ class Decision:
     drain: tuple[str, ...]
     reason: str
     inputs: Inputs
-    state: PolicyState
+    state: PolicyState | KedaState
 
     @property
     def acts(self) -> bool:

@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from lmfleet.autoscaler.baselines import KedaConfig
 from lmfleet.autoscaler.observation import AutoscalingConfig
 from lmfleet.errors import ConfigError
 
@@ -132,30 +133,71 @@ class ReplicaCounts(_Section):
         return self
 
 
+#: a policy config's replica counts: they come from the version's ``replicas:``
+_COUNTS = frozenset({"min_replicas", "max_replicas", "standby"})
+
+
+def _knobs(dataclass_type: type) -> dict[str, Any]:
+    """A policy config dataclass's fields except the replica counts, as pydantic
+    fields with the same types and defaults (so the two never disagree)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(dataclass_type)
+    return {
+        f.name: (hints[f.name], f.default)
+        for f in dataclasses.fields(dataclass_type)
+        if f.name not in _COUNTS
+    }
+
+
+#: ``autoscaling.keda:`` the knobs of the KEDA + HPA baseline (``policy: keda``)
+KedaSection = create_model(
+    "KedaSection",
+    __base__=_Section,
+    __doc__="The KEDA + HPA baseline's knobs (lmfleet.autoscaler.baselines.KedaConfig).",
+    **_knobs(KedaConfig),
+)
+
+#: the lmfleet policy's knobs, at the top of ``autoscaling:``
+_LMFLEET_KNOBS = frozenset(_knobs(AutoscalingConfig))
+
+
+class _AutoscalingBase(_Section):
+    @model_validator(mode="after")
+    def _one_policy(self) -> _AutoscalingBase:
+        policy = getattr(self, "policy", "lmfleet")
+        if policy != "keda" and getattr(self, "keda", None) is not None:
+            raise ValueError(
+                "keda: only applies with policy: keda; add policy: keda or remove the section"
+            )
+        if policy == "keda":
+            ignored = sorted(self.model_fields_set & _LMFLEET_KNOBS)
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)}: knob(s) of policy lmfleet, not read with policy "
+                    "keda; set the keda: section's knobs instead (docs/autoscaler.md)"
+                )
+        return self
+
+
 def _autoscaling_section() -> type[BaseModel]:
     """``autoscaling:`` of a version: every knob of the policy's
     :class:`~lmfleet.autoscaler.observation.AutoscalingConfig` except the replica
     counts (``replicas:``), with the same defaults; docs/autoscaler.md explains them.
-    Built from the dataclass so that the two never disagree on a name or default."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(AutoscalingConfig)
-    counts = {"min_replicas", "max_replicas", "standby"}
-    fields: dict[str, Any] = {
-        f.name: (hints[f.name], f.default)
-        for f in dataclasses.fields(AutoscalingConfig)
-        if f.name not in counts
-    }
+    Built from the dataclass so that the two never disagree on a name or default.
+    With ``policy: keda`` the KEDA + HPA baseline decides instead, with the knobs of
+    its ``keda:`` subsection (:class:`~lmfleet.autoscaler.baselines.KedaConfig`)."""
     return create_model(
         "AutoscalingSection",
-        __base__=_Section,
+        __base__=_AutoscalingBase,
         __doc__="A managed version's autoscaling policy knobs.",
         #: off: the replicas stay at ``replicas.min`` (no decisions are made)
         enabled=(bool, True),
-        #: which policy decides (the simulator compares others)
-        policy=(Literal["lmfleet"], "lmfleet"),
-        **fields,
+        #: which policy decides: lmfleet's, or the KEDA + HPA baseline
+        policy=(Literal["lmfleet", "keda"], "lmfleet"),
+        keda=(KedaSection | None, None),  # type: ignore[valid-type]
+        **_knobs(AutoscalingConfig),
     )
 
 
@@ -265,11 +307,22 @@ class VersionConfig(_Section):
     def serve_args(self) -> tuple[str, ...]:
         return engine_flags(self.engine_args)
 
-    def policy_config(self) -> AutoscalingConfig:
-        """The autoscaler policy's config of this version; ``ValueError`` saying what
-        is wrong with a knob."""
-        knobs = self.autoscaling.model_dump(exclude={"enabled", "policy"})
+    def policy_config(self) -> AutoscalingConfig | KedaConfig:
+        """The config of this version's policy (``autoscaling.policy``); ``ValueError``
+        saying what is wrong with a knob."""
         try:
+            if self.autoscaling.policy == "keda":
+                if self.replicas.standby:
+                    raise ValueError(
+                        "replicas.standby: policy keda keeps no standby (KEDA never sleeps "
+                        "a replica); set standby: 0 or use policy lmfleet"
+                    )
+                section = self.autoscaling.keda
+                knobs = section.model_dump() if section is not None else {}
+                return KedaConfig(
+                    min_replicas=self.replicas.min, max_replicas=self.replicas.max, **knobs
+                )
+            knobs = self.autoscaling.model_dump(exclude={"enabled", "policy", "keda"})
             return AutoscalingConfig(
                 min_replicas=self.replicas.min, max_replicas=self.replicas.max,
                 standby=self.replicas.standby, **knobs,
