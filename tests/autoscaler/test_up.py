@@ -190,8 +190,12 @@ def test_a_killed_replica_is_replaced_and_its_stream_resumed(tmp_path: Path) -> 
 
 def test_a_slow_load_causes_no_cascade_of_starts(tmp_path: Path) -> None:
     """A 6 s cold start while the load stays: one scale-up, then nothing more is
-    started while those replicas load (they are capacity to come)."""
+    started while those replicas load (they are capacity to come). Scale-ahead is
+    off: with it, a decision that sees the six arrivals at once may size for twice
+    the load and reach max in one step (CI saw 5 starts), which says nothing of a
+    cascade."""
     fleet_path = fleet_file(tmp_path, replicas={"min": 1, "max": 6},
+                            autoscaling={"scale_ahead": False},
                             profile={"load_s": 6.0})  # fmt: skip
     with FleetProcess(tmp_path, fleet_path) as fleet:
         fleet.wait_for(lambda: len(fleet.routable()) == 1, "the first replica")
@@ -199,11 +203,13 @@ def test_a_slow_load_causes_no_cascade_of_starts(tmp_path: Path) -> None:
             futures = [pool.submit(stream_text, fleet.url, f"slow {i}", 1200) for i in range(6)]
             fleet.wait_for(lambda: any(d["start"] for d in fleet.decisions()[1:]), "a scale-up")
             fleet.wait_for(lambda: len(fleet.routable()) >= 2, "a new replica routable")
-            ups = [d for d in fleet.decisions()[1:] if d["start"]]
             for f in futures:
                 assert f.result()[1] == "length"
-        # 6 streams at 2 per replica: 3 replicas; the start came in one decision
-        assert sum(d["start"] for d in ups) == 2 and len(ups) == 1
+            ups = [d for d in fleet.decisions()[1:] if d["start"]]
+        # 6 streams at 2 per replica: at most 3 replicas, all started by one decision
+        # (it may have seen fewer than six arrivals: then the starting replica holds
+        # the rest, as capacity to come, and still nothing more is started)
+        assert len(ups) == 1 and 1 <= ups[0]["start"] <= 2
 
 
 def test_the_built_in_fleet_answers_its_first_question(tmp_path: Path) -> None:
