@@ -86,9 +86,9 @@ def test_errors_by_type(
 
 def test_connection_refused() -> None:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    r = one(Target(f"http://127.0.0.1:{port}", "m", timeout_s=2.0))
+        s.bind(("127.0.0.1", 0))  # bound, never listening: refused, and ours meanwhile
+        port = s.getsockname()[1]
+        r = one(Target(f"http://127.0.0.1:{port}", "m", timeout_s=2.0))
     assert r.error == "connect" and not r.success
 
 
@@ -118,11 +118,9 @@ def test_resolve_model(fake_server: ServerThread) -> None:
             return await resolve_model(client, url)
 
     assert asyncio.run(go(fake_server.url)) == "fake-model"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ConfigError, match="is the server up"):
-        asyncio.run(go(f"http://127.0.0.1:{port}"))
+    with socket.socket() as s, pytest.raises(ConfigError, match="is the server up"):
+        s.bind(("127.0.0.1", 0))  # bound, never listening: refused, and ours meanwhile
+        asyncio.run(go(f"http://127.0.0.1:{s.getsockname()[1]}"))
 
 
 def test_many_concurrent_streams() -> None:

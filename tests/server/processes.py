@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -13,12 +13,6 @@ from pathlib import Path
 
 import httpx
 import openai
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -52,24 +46,44 @@ class ServeProcess:
 
 
 def launch_serve(
-    model: str,
+    model: str | None,
     log_dir: Path,
     *flags: str,
     api_key: str = "none",
     env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
 ) -> ServeProcess:
-    """Start ``lmfleet serve MODEL`` on a free port; output goes to a log file."""
-    port = free_port()
-    log = log_dir / f"serve-{port}.log"
+    """Start ``lmfleet serve MODEL`` (no model argument when None: the built-in
+    default) on port 0 and return once it listens: the server
+    binds before it loads and writes the bound port to ``--port-file`` (no port is
+    picked here and reused, so two tests can never race for one). Output goes to a
+    log file in ``log_dir``."""
+    fd, name = tempfile.mkstemp(dir=log_dir, prefix="serve-", suffix=".log")
+    log = Path(name)
+    port_file = log.with_suffix(".port")
     cmd = [
-        sys.executable, "-m", "lmfleet.cli", "serve", model,
-        "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log", *flags,
+        sys.executable, "-m", "lmfleet.cli", "serve", *([model] if model else []),
+        "--host", "127.0.0.1",
+        "--port", "0", "--port-file", str(port_file), "--disable-uvicorn-access-log", *flags,
     ]  # fmt: skip
-    with open(log, "wb") as out:
+    with open(fd, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(env) if env else None
         )
-    return ServeProcess(proc, port, log, api_key)
+    server = ServeProcess(proc, 0, log, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            server.port = int(port_file.read_text())
+            return server
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"lmfleet serve exited {proc.returncode}:\n{server.logs()}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(30)
+    raise TimeoutError(f"lmfleet serve wrote no port in {timeout:g} s:\n{server.logs()}")
 
 
 def wait_ready(server: ServeProcess, timeout: float = 60.0, *, live_first: bool = False) -> None:

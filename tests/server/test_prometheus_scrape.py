@@ -6,8 +6,8 @@ Needs the ``prometheus`` binary on PATH (Debian/Ubuntu: ``apt-get install promet
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -59,10 +59,18 @@ class _FakeEngine:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bound_address(log: Path, proc: subprocess.Popen) -> str:
+    """The ``host:port`` Prometheus listens on, from its own log line: it binds port 0
+    and logs ``msg="Listening on" address=127.0.0.1:PORT``."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        found = re.search(r'msg="Listening on" address=(\S+)', log.read_text(errors="replace"))
+        if found:
+            return found.group(1)
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited {proc.returncode}: {log.read_text()}")
+        time.sleep(0.05)
+    pytest.fail(f"prometheus logged no listening address within {DEADLINE_S} s")
 
 
 def _handler(render: Callable[[], tuple[bytes, str]]) -> type[BaseHTTPRequestHandler]:
@@ -121,21 +129,20 @@ def prometheus(target: str, tmp_path: Path) -> Iterator[str]:
         "  - job_name: lmfleet\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
-    address = f"127.0.0.1:{_free_port()}"
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [
             shutil.which("prometheus") or "prometheus",
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address={address}",
-            "--log.level=warn",
+            "--web.listen-address=127.0.0.1:0",
+            "--log.level=info",  # the "Listening on" line with the bound port is info
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        yield f"http://{address}"
+        yield f"http://{_bound_address(tmp_path / 'prometheus.log', proc)}"
     finally:
         proc.terminate()
         try:

@@ -3,16 +3,13 @@ official ``openai`` client gets the right answer to a question."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from lmfleet.engine.models.builtin import DEFAULT_MODEL
-from tests.server.processes import ServeProcess, free_port, stop_all, wait_ready
+from tests.server.processes import ServeProcess, launch_serve, stop_all, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -21,17 +18,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [
-        sys.executable, "-m", "lmfleet.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--device", "cpu", "--dtype", "float32",
-        "--kv-cache-memory", "64Mi", "--max-model-len", "2048",
-        "--disable-uvicorn-access-log",
-    ]  # fmt: skip
-    with Path(log).open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    server = ServeProcess(proc, port, log)
+    server = launch_serve(
+        None, tmp_path_factory.mktemp("serve"), "--device", "cpu", "--dtype", "float32",
+        "--kv-cache-memory", "64Mi", "--max-model-len", "2048", timeout=120,
+    )  # fmt: skip
     try:
         wait_ready(server, timeout=180)
         yield server
